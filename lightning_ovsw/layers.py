@@ -1,0 +1,223 @@
+"""Binary training layers: ``BinaryConv2d`` and ``BinaryLinear`` (design §2, the authors' "xnor" mode).
+
+Forward of both layers::
+
+    x_hat = x / sqrt(var(x per sample, unbiased) + 1e-5)   (training only, detached: changes only the backward)
+    y     = op(sign(x_hat), sign(W)) * alpha + bias
+
+with ``sign(0) = +1``, the activation gradient of the chosen estimator (Bi-Real by default), the weight
+gradient of the plain straight-through estimator by default, and ``alpha`` per output channel.
+They subclass ``nn.Conv2d`` / ``nn.Linear`` so code that walks a model by type keeps working, and they
+hold the very ``weight`` / ``bias`` Parameters of the float layer they replace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_ovsw.quantizers import ACTIVATION_ESTIMATORS, WEIGHT_ESTIMATORS, apply_estimator
+
+SCALES = ("standardized", "learnable", "none")
+PAD_VALUES = (0, 1)
+_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class BinaryOptions:
+    """Options shared by every binary layer, validated once."""
+
+    activation_estimator: str = "approx_sign"
+    weight_estimator: str = "ste"
+    scale: str = "standardized"
+    pad_value: int = 0
+
+    def __post_init__(self) -> None:
+        for field, allowed in (
+            ("activation_estimator", ACTIVATION_ESTIMATORS),
+            ("weight_estimator", WEIGHT_ESTIMATORS),
+            ("scale", SCALES),
+            ("pad_value", PAD_VALUES),
+        ):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field}={getattr(self, field)!r} is not supported; choose one of {allowed}.")
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics (std, alpha) are computed in at least float32, also under half-precision weights."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def standardize_input(x: Tensor) -> Tensor:
+    """Divide each sample by its (detached, unbiased) standard deviation over all non-batch dims.
+
+    ``sign`` is scale invariant, so this changes only the activation gradient (the authors' code).
+    """
+    dims = tuple(range(1, x.ndim))
+    var = x.detach().to(_stat_dtype(x.dtype)).var(dim=dims, keepdim=True)
+    return x / torch.sqrt(var + _EPS).to(x.dtype)
+
+
+def standardized_scale(weight: Tensor) -> Tensor:
+    """``alpha_i = mean(|standardize(W[i])|)`` with the unbiased row variance + 1e-5; detached."""
+    w = weight.detach().flatten(1).to(_stat_dtype(weight.dtype))
+    centered = w - w.mean(dim=1, keepdim=True)
+    return (centered / torch.sqrt(w.var(dim=1, keepdim=True) + _EPS)).abs().mean(dim=1)
+
+
+class BinaryLayer:
+    """Mixin for layers with a binarized ``weight`` (out channels first) and per-channel ``alpha``.
+
+    It is what ``lightning_ovsw.registry`` looks for; the callbacks act on ``weight`` of every one.
+    """
+
+    weight: nn.Parameter
+    options: BinaryOptions
+
+    def _init_binary(self, options: BinaryOptions) -> None:
+        self.options = options
+        if options.scale == "learnable":
+            init = self.weight.detach().flatten(1).abs().mean(dim=1)
+            self.alpha = nn.Parameter(init.to(_stat_dtype(self.weight.dtype)))
+        else:
+            self.register_parameter("alpha", None)
+
+    def binary_weight(self) -> Tensor:
+        """``sign(W)`` with the configured weight estimator."""
+        return apply_estimator(self.options.weight_estimator, self.weight)
+
+    def binary_input(self, x: Tensor) -> Tensor:
+        """``sign(x)`` (standardized first in training) with the configured activation estimator."""
+        if self.training:
+            x = standardize_input(x)
+        return apply_estimator(self.options.activation_estimator, x)
+
+    def scale_factor(self) -> Tensor | None:
+        """Per-output-channel ``alpha`` (float32 or wider), or ``None`` for ``scale="none"``."""
+        if self.options.scale == "standardized":
+            return standardized_scale(self.weight)
+        if self.options.scale == "learnable":
+            return self.alpha
+        return None
+
+    def _scale_and_bias(self, out: Tensor, channel_dim: int) -> Tensor:
+        shape = [1] * out.ndim
+        shape[channel_dim] = -1
+        alpha = self.scale_factor()
+        if alpha is not None:
+            out = out * alpha.to(out.dtype).view(shape)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype).view(shape)
+        return out
+
+    def _options_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in asdict(self.options).items())
+
+
+def _validate_conv(conv: nn.Conv2d) -> None:
+    if conv.groups != 1:
+        raise ValueError(
+            f"BinaryConv2d supports groups=1 only (got groups={conv.groups}); keep grouped or depthwise "
+            "convolutions in full precision (binarize_model skips them unless filter_fn selects them)."
+        )
+    if conv.padding_mode != "zeros":
+        raise ValueError(
+            f"BinaryConv2d supports padding_mode='zeros' only (got {conv.padding_mode!r}); use "
+            "pad_value=1 for one-padding of the binarized input."
+        )
+
+
+class BinaryConv2d(nn.Conv2d, BinaryLayer):
+    """``conv(sign(x), sign(W)) * alpha (+ bias)`` with zero (default) or one padding of ``sign(x)``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        *,
+        activation_estimator: str = "approx_sign",
+        weight_estimator: str = "ste",
+        scale: str = "standardized",
+        pad_value: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        options = BinaryOptions(activation_estimator, weight_estimator, scale, pad_value)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            device=device, dtype=dtype,
+        )
+        _validate_conv(self)
+        self._init_binary(options)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, **options) -> BinaryConv2d:
+        """A binary twin of ``conv`` that holds the same ``weight`` and ``bias`` Parameters."""
+        _validate_conv(conv)
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, device="meta", **options,
+        )
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        layer._init_binary(layer.options)
+        return layer.train(conv.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xb = self.binary_input(x)
+        padding = self.padding
+        if self.options.pad_value == 1 and any(self._reversed_padding_repeated_twice):
+            xb = F.pad(xb, self._reversed_padding_repeated_twice, value=1.0)
+            padding = 0
+        out = F.conv2d(xb, self.binary_weight(), None, self.stride, padding, self.dilation, self.groups)
+        return self._scale_and_bias(out, channel_dim=1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._options_repr()}"
+
+
+class BinaryLinear(nn.Linear, BinaryLayer):
+    """``linear(sign(x), sign(W)) * alpha (+ bias)``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        activation_estimator: str = "approx_sign",
+        weight_estimator: str = "ste",
+        scale: str = "standardized",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        options = BinaryOptions(activation_estimator, weight_estimator, scale)
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_binary(options)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, pad_value: int = 0, **options) -> BinaryLinear:
+        """A binary twin of ``linear`` that holds the same Parameters (``pad_value`` is ignored)."""
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, device="meta", **options
+        )
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer._init_binary(layer.options)
+        return layer.train(linear.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.linear(self.binary_input(x), self.binary_weight())
+        return self._scale_and_bias(out, channel_dim=out.ndim - 1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._options_repr()}"

@@ -1,0 +1,21 @@
+"""Shared test set-up.
+
+Without CUDA, Triton kernels run under the interpreter; the variable must be set before any
+``triton.jit`` decoration, so it is set here, before test modules import the kernels.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    torch.manual_seed(0)
+    yield
