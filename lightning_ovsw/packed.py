@@ -1,0 +1,212 @@
+"""Packed inference modules: ``PackedConv2d`` and ``PackedLinear`` (design §3).
+
+A packed module holds its binary weight as sign bits (int32 words, K-contiguous: ``[Cout, KH, KW,
+ceil(C/32)]`` for a convolution, ``[N, ceil(K/32)]`` for a linear layer) and one folded per-channel
+``scale`` and ``bias`` (float32 buffers), so its forward is
+
+    y = acc * scale + bias,   acc = sum(sign(x) * sign(W))   (an exact integer)
+
+with ``scale = alpha`` and ``bias = b`` for a lone binary layer (``y = acc * alpha + b``, design §2), or
+``scale = alpha * g``, ``bias = (b - mean) * g + beta`` with ``g = gamma / sqrt(var + eps)`` when the
+BatchNorm that consumes the layer is folded in. The integer part runs in the ``ovsw`` packed ops
+(``lightning_ovsw.kernels.ops``: C++ popcount kernels on CPU, Triton on GPU, the reference elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ovsw.kernels.reference import num_words
+from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear
+
+try:  # TODO(switch when kernels/ops.py lands)
+    import lightning_ovsw.kernels.ops  # noqa: F401  (registers torch.ops.ovsw)
+
+    _OPS = torch.ops.ovsw
+except ImportError:
+    from lightning_ovsw.kernels import reference as _OPS
+
+
+def _folded_constants(
+    layer: BinaryLayer, bn: nn.modules.batchnorm._BatchNorm | None
+) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(scale, bias)`` in float32, computed in float64, with ``bn`` folded in if given."""
+    out_channels = layer.weight.shape[0]
+    device = layer.weight.device
+    alpha = layer.scale_factor()
+    scale = (
+        alpha.detach().to(torch.float64)
+        if alpha is not None
+        else torch.ones(out_channels, dtype=torch.float64, device=device)
+    )
+    bias = (
+        layer.bias.detach().to(torch.float64)
+        if layer.bias is not None
+        else torch.zeros(out_channels, dtype=torch.float64, device=device)
+    )
+    if bn is not None:
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(
+                f"cannot fold {bn!r}: it has no running statistics (track_running_stats=False); "
+                "pass fold_batchnorm=False."
+            )
+        g = torch.rsqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
+        if bn.weight is not None:
+            g = g * bn.weight.detach().to(torch.float64)
+        bias = (bias - bn.running_mean.detach().to(torch.float64)) * g
+        if bn.bias is not None:
+            bias = bias + bn.bias.detach().to(torch.float64)
+        scale = scale * g
+    return scale.to(torch.float32), bias.to(torch.float32)
+
+
+def _check_float(x: Tensor, name: str) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{name} expects a floating-point input, got {x.dtype}; convert it with x.float().")
+
+
+class PackedConv2d(nn.Module):
+    """Inference twin of ``BinaryConv2d``: packed sign bits, folded per-channel constants.
+
+    Input: float ``[N, C, H, W]`` (any memory format; channels_last avoids a copy). Output: float
+    ``[N, Cout, Ho, Wo]`` of the input dtype, stored channels_last (the ops work in NHWC).
+    """
+
+    weight_bits: Tensor
+    scale: Tensor
+    bias: Tensor
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        pad_value: int = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.stride = tuple(stride)
+        self.padding = tuple(padding)
+        self.dilation = tuple(dilation)
+        self.pad_value = pad_value
+        shape = (out_channels, *self.kernel_size, num_words(in_channels))
+        self.register_buffer("weight_bits", torch.zeros(shape, dtype=torch.int32, device=device))
+        self.register_buffer("scale", torch.ones(out_channels, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_binary(cls, layer: BinaryConv2d, bn: nn.BatchNorm2d | None = None) -> PackedConv2d:
+        """Pack ``layer`` (``sign(W)`` as bits), folding ``alpha``, its bias and ``bn`` if given."""
+        left, right, top, bottom = layer._reversed_padding_repeated_twice
+        if left != right or top != bottom:
+            raise ValueError(
+                f"cannot pack {layer!r}: padding={layer.padding!r} is asymmetric here; use explicit "
+                "symmetric padding (an int or a pair)."
+            )
+        packed = cls(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, (top, left),
+            layer.dilation, layer.options.pad_value, device=layer.weight.device,
+        )
+        with torch.no_grad():
+            packed.weight_bits.copy_(_OPS.sign_pack(layer.weight.detach().permute(0, 2, 3, 1).contiguous()))
+            packed.scale, packed.bias = _folded_constants(layer, bn)
+        return packed
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_float(x, type(self).__name__)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects input [N, {self.in_channels}, H, W], got {tuple(x.shape)}."
+            )
+        bits = _OPS.sign_pack(x.permute(0, 2, 3, 1).contiguous())
+        out = _OPS.packed_conv2d(
+            bits, self.weight_bits, self.in_channels, self.stride, self.padding, self.dilation,
+            self.pad_value, self.scale, self.bias, None, x.dtype,
+        )
+        return out.permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, pad_value={self.pad_value}"
+        )
+
+
+class PackedLinear(nn.Module):
+    """Inference twin of ``BinaryLinear``: ``[..., K]`` float -> ``[..., N]`` of the input dtype.
+
+    With a folded ``BatchNorm1d`` (which normalizes dim 1), the input must be 2-D ``[batch, K]``.
+    """
+
+    weight_bits: Tensor
+    scale: Tensor
+    bias: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bn_folded: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bn_folded = bn_folded
+        self.register_buffer(
+            "weight_bits", torch.zeros(out_features, num_words(in_features), dtype=torch.int32, device=device)
+        )
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_binary(cls, layer: BinaryLinear, bn: nn.BatchNorm1d | None = None) -> PackedLinear:
+        """Pack ``layer`` (``sign(W)`` as bits), folding ``alpha``, its bias and ``bn`` if given."""
+        packed = cls(layer.in_features, layer.out_features, bn is not None, device=layer.weight.device)
+        with torch.no_grad():
+            packed.weight_bits.copy_(_OPS.sign_pack(layer.weight.detach().contiguous()))
+            packed.scale, packed.bias = _folded_constants(layer, bn)
+        return packed
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_float(x, type(self).__name__)
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects input [..., {self.in_features}], got {tuple(x.shape)}."
+            )
+        if self.bn_folded and x.ndim != 2:
+            raise ValueError(
+                f"{type(self).__name__} has a folded BatchNorm1d and needs 2-D input [batch, "
+                f"{self.in_features}], got {tuple(x.shape)}; pack with fold_batchnorm=False for other shapes."
+            )
+        lead = x.shape[:-1]
+        bits = _OPS.sign_pack(x.reshape(-1, self.in_features).contiguous())
+        out = _OPS.packed_linear(
+            bits, self.weight_bits, self.in_features, self.scale, self.bias, None, x.dtype
+        )
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bn_folded={self.bn_folded}"
+
+
+def packed_nbytes(module: nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer of ``module``: what a packed model holds in memory.
+
+    For a packed layer that is its bit-packed weight plus the folded ``scale`` and ``bias``; for a whole
+    packed model it also counts the layers kept in full precision.
+    """
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,196 @@
+"""pack_model and the packed modules against the float binarized model in eval mode (the oracle)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+from lightning_ovsw.kernels import reference
+from torch import nn
+
+from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear
+from lightning_ovsw.pack import pack_model
+from lightning_ovsw.packed import PackedConv2d, PackedLinear, packed_nbytes
+
+
+def binarize(model: nn.Module) -> nn.Module:
+    """Binarize every conv but the stem (``conv1``) and keep the classifier in full precision."""
+    try:
+        from lightning_ovsw.convert import binarize_model
+    except ImportError:
+        for name, m in list(model.named_modules()):
+            if isinstance(m, nn.Conv2d) and name != "conv1":
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, BinaryConv2d.from_float(m))
+        return model
+    return binarize_model(model)
+
+
+def with_bn_statistics(model: nn.Module, x: torch.Tensor, steps: int = 3) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters, then eval."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.3, 0.3)
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(x + 0.3 * torch.randn_like(x))
+    return model.eval()
+
+
+def assert_matches(float_model: nn.Module, packed: nn.Module, x: torch.Tensor, rel: float = 1e-4) -> None:
+    """Logits equal up to float-epilogue rounding (relative to their magnitude), and the same argmax."""
+    with torch.no_grad():
+        want, got = float_model(x), packed(x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    tol = rel * want.abs().max().item()
+    assert (got - want).abs().max().item() <= tol, (got - want).abs().max()
+    if want.ndim == 2:
+        assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+def test_binarized_torchvision_resnet18_matches_float_model():
+    model = binarize(torchvision.models.resnet18(num_classes=10))
+    x = torch.randn(2, 3, 64, 64)
+    model = with_bn_statistics(model, x)
+    packed = pack_model(model)
+    n_binary = sum(isinstance(m, BinaryLayer) for m in model.modules())
+    assert sum(isinstance(m, PackedConv2d) for m in packed.modules()) == n_binary
+    assert not any(isinstance(m, BinaryLayer) for m in packed.modules())
+    # every binary conv of a torchvision BasicBlock / downsample feeds exactly one BatchNorm2d: all folded
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in packed.modules()) == 1  # the stem's
+    assert_matches(model, packed, x)
+    assert_matches(model, pack_model(model, fold_batchnorm=False), x, rel=1e-5)
+
+
+class SmallNet(nn.Module):
+    """Float stem, binary convs (configurable), a binary linear with bias and BN1d, float classifier."""
+
+    def __init__(self, pad_value: int, stride: int, dilation: int, conv_bias: bool) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 37, 3, padding=1)
+        self.conv1 = BinaryConv2d(37, 40, 3, stride=stride, padding=2, dilation=dilation, pad_value=pad_value)
+        self.bn1 = nn.BatchNorm2d(40)
+        self.conv2 = BinaryConv2d(40, 33, (3, 1), padding=(1, 0), bias=conv_bias, pad_value=pad_value)
+        self.bn2 = nn.BatchNorm2d(33, affine=False)
+        self.conv3 = BinaryConv2d(33, 70, 1, stride=2, bias=True)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc1 = BinaryLinear(70 * 4, 65, bias=True)
+        self.bn3 = nn.BatchNorm1d(65)
+        self.fc2 = nn.Linear(65, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = nn.functional.hardtanh(self.bn1(self.conv1(x)))
+        x = self.bn2(self.conv2(x))
+        x = self.pool(self.conv3(x)).flatten(1)
+        return self.fc2(self.bn3(self.fc1(x)))
+
+
+@pytest.mark.parametrize("pad_value", [0, 1])
+@pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2), (2, 3)])
+@pytest.mark.parametrize("fold", [True, False])
+def test_small_models_match_float_model(pad_value, stride, dilation, fold):
+    x = torch.randn(3, 3, 15, 13)
+    model = with_bn_statistics(SmallNet(pad_value, stride, dilation, conv_bias=fold), x)
+    packed = pack_model(model, fold_batchnorm=fold)
+    for name in ("bn1", "bn2", "bn3"):
+        assert isinstance(getattr(packed, name), nn.Identity if fold else nn.BatchNorm1d | nn.BatchNorm2d)
+    assert isinstance(packed.conv1, PackedConv2d) and isinstance(packed.fc1, PackedLinear)
+    assert packed.conv1.pad_value == pad_value and packed.conv1.dilation == (dilation, dilation)
+    assert_matches(model, packed, x, rel=1e-4 if fold else 1e-5)
+    assert_matches(model, packed, x.to(memory_format=torch.channels_last), rel=1e-4 if fold else 1e-5)
+
+
+def test_packed_weights_and_constants_follow_the_layer():
+    layer = BinaryConv2d(45, 7, 3, padding=1, bias=True)
+    bn = nn.BatchNorm2d(7)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    nn.init.uniform_(bn.weight, 0.5, 1.5)
+    packed = PackedConv2d.from_binary(layer, bn)
+    signs = reference.unpack_signs(packed.weight_bits, 45).permute(0, 3, 1, 2)
+    assert torch.equal(signs, torch.where(layer.weight < 0, -1.0, 1.0))
+    g = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    alpha = layer.scale_factor().double()
+    torch.testing.assert_close(packed.scale, (alpha * g).float())
+    torch.testing.assert_close(packed.bias, ((layer.bias.double() - bn.running_mean) * g + bn.bias).float())
+    assert packed.weight_bits.shape == (7, 3, 3, 2) and packed.weight_bits.dtype == torch.int32
+    assert packed_nbytes(packed) == 7 * 3 * 3 * 2 * 4 + 2 * 7 * 4
+    assert set(packed.state_dict()) == {"weight_bits", "scale", "bias"}
+
+
+class SharedOutput(nn.Module):
+    """The conv output feeds a BN and a residual: folding would change the residual, so it must not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = BinaryConv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_batchnorm_with_other_consumers_is_not_folded():
+    x = torch.randn(2, 8, 6, 6)
+    model = with_bn_statistics(SharedOutput(), x)
+    packed = pack_model(model)
+    assert isinstance(packed.bn, nn.BatchNorm2d)
+    assert_matches(model, packed, x, rel=1e-5)
+
+
+class Untraceable(SmallNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:  # data-dependent control flow: torch.fx cannot trace it
+            x = -x
+        return super().forward(x)
+
+
+def test_untraceable_model_is_packed_without_folding_and_warns():
+    x = torch.randn(2, 3, 9, 9)
+    model = with_bn_statistics(Untraceable(0, 1, 1, conv_bias=False), x)
+    with pytest.warns(UserWarning, match="not folded"):
+        packed = pack_model(model)
+    assert isinstance(packed.bn1, nn.BatchNorm2d)
+    assert_matches(model, packed, x, rel=1e-5)
+
+
+def test_inplace_and_copy():
+    model = SmallNet(0, 1, 1, conv_bias=False).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        packed = pack_model(model)
+    assert packed is not model and isinstance(model.conv1, BinaryConv2d)
+    assert pack_model(model, inplace=True) is model and isinstance(model.conv1, PackedConv2d)
+    assert not model.training
+
+
+def test_single_binary_layer_is_packed():
+    layer = BinaryLinear(50, 6)
+    x = torch.randn(4, 5, 50)
+    assert_matches(layer.eval(), pack_model(layer), x, rel=1e-5)
+
+
+def test_model_without_binary_layers_is_rejected():
+    with pytest.raises(ValueError, match="no binary layer.*binarize"):
+        pack_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    with pytest.raises(TypeError, match="nn.Module"):
+        pack_model("resnet18")
+
+
+def test_packed_modules_reject_bad_input():
+    conv = PackedConv2d.from_binary(BinaryConv2d(8, 4, 3))
+    with pytest.raises(ValueError, match=r"\[N, 8, H, W\]"):
+        conv(torch.randn(1, 7, 5, 5))
+    with pytest.raises(TypeError, match="floating-point"):
+        conv(torch.ones(1, 8, 5, 5, dtype=torch.int64))
+    linear = PackedLinear.from_binary(BinaryLinear(8, 4), nn.BatchNorm1d(4).eval())
+    with pytest.raises(ValueError, match=r"\[\.\.\., 8\]"):
+        linear(torch.randn(2, 9))
+    with pytest.raises(ValueError, match="2-D"):
+        linear(torch.randn(2, 3, 8))
