@@ -119,6 +119,12 @@ class PackedConv2d(nn.Module):
             packed.scale, packed.bias = _folded_constants(layer, bn)
         return packed
 
+    def _apply(self, fn, recurse=True):
+        """Keep the bits K-contiguous whatever ``.to(memory_format=...)`` asks of 4-D tensors."""
+        super()._apply(fn, recurse)
+        self.weight_bits = self.weight_bits.contiguous()
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         _check_float(x, type(self).__name__)
         if x.ndim != 4 or x.shape[1] != self.in_channels:

@@ -194,3 +194,13 @@ def test_packed_modules_reject_bad_input():
         linear(torch.randn(2, 9))
     with pytest.raises(ValueError, match="2-D"):
         linear(torch.randn(2, 3, 8))
+
+
+def test_channels_last_model_keeps_weight_bits_k_contiguous():
+    x = torch.randn(2, 3, 10, 10)
+    model = with_bn_statistics(SmallNet(0, 2, 1, conv_bias=False), x)
+    packed = pack_model(model).to(memory_format=torch.channels_last)
+    assert packed.conv1.weight_bits.is_contiguous() and packed.stem.weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    assert_matches(model, packed, x.to(memory_format=torch.channels_last))
