@@ -1,0 +1,272 @@
+"""Python entry points of the Triton packed kernels, with the semantics of ``kernels/reference.py``.
+
+``triton_sign_pack``, ``triton_packed_linear`` and ``triton_packed_conv2d`` are what the
+``torch.library`` ops dispatch to for CUDA tensors. Without an epilogue argument and with ``out_dtype``
+None they return the raw int32 accumulator, like the reference. ``mode`` / ``config`` pin one
+inner-product mode or one launch config (tests, benchmarks); by default autotuning picks per shape.
+Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+from torch import Tensor
+
+from ..reference import conv_output_size, num_words
+from ._common import DOT_F8, DOT_I8, INTERPRET, POPC
+from .conv import packed_conv_kernel, packed_conv_tuned
+from .gemm import packed_gemm_kernel, packed_gemm_tuned
+from .pack import sign_pack_nchw_kernel, sign_pack_rows_kernel
+
+__all__ = [
+    "DOT_F8",
+    "DOT_I8",
+    "POPC",
+    "triton_packed_conv2d",
+    "triton_packed_linear",
+    "triton_sign_pack",
+    "triton_sign_pack_nchw",
+]
+
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT32_MAX = 2**31 - 1
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_device(*tensors: Tensor | None) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    device = devices.pop()
+    if device.type != "cuda" and not INTERPRET:
+        raise ValueError(
+            f"Triton kernels need CUDA tensors (got {device}); use the reference ops on CPU, or set "
+            "TRITON_INTERPRET=1 before importing triton to run the kernels in the interpreter"
+        )
+
+
+def _check_bits(t: Tensor, name: str, ndim: int) -> None:
+    if not isinstance(t, Tensor) or t.dtype != torch.int32:
+        raise TypeError(f"{name} must be an int32 tensor of packed sign words, got {getattr(t, 'dtype', t)}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.numel() > _INT32_MAX:
+        raise ValueError(f"{name} has {t.numel()} words; the kernels index with int32: split the batch")
+
+
+def _check_float(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor) or x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating point tensor, got {getattr(x, 'dtype', x)}")
+
+
+def _pair(v: int | Sequence[int], name: str, minimum: int) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(i, int) and i >= minimum for i in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {v!r}")
+    return pair
+
+
+def _epilogue_args(
+    out_shape: tuple[int, ...],
+    n: int,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    out_dtype: torch.dtype | None,
+    device: torch.device,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, bool]:
+    """Validated epilogue operands (fp32 contiguous scale/bias, contiguous residual) and the output."""
+    raw = scale is None and bias is None and residual is None and out_dtype is None
+    if out_dtype is not None and out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES} or None, got {out_dtype}")
+    vectors = []
+    for name, v in (("scale", scale), ("bias", bias)):
+        if v is not None:
+            _check_float(v, name)
+            if v.numel() != n:
+                raise ValueError(f"{name} must hold one value per output channel ({n}), got {tuple(v.shape)}")
+            v = v.reshape(n).to(torch.float32).contiguous()
+        vectors.append(v)
+    if residual is not None:
+        _check_float(residual, "residual")
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(f"residual must have the output's shape {out_shape}, got {tuple(residual.shape)}"
+                             )
+        residual = residual.contiguous()
+    if raw:
+        out = torch.empty(out_shape, dtype=torch.int32, device=device)
+    else:
+        out = torch.empty(out_shape, dtype=out_dtype or torch.float32, device=device)
+    return out, vectors[0], vectors[1], residual, raw
+
+
+def _launch(tuned: dict, kernel, grid, args: tuple, flags: dict, mode: int | None,
+            config: triton.Config | None) -> None:
+    """Run ``kernel`` with a pinned ``config``, or its autotuner for ``mode`` (None: all modes)."""
+    if config is not None:
+        kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps,
+                     num_stages=config.num_stages)
+        return
+    if mode not in tuned:
+        raise ValueError(f"mode must be None, POPC (0), DOT_I8 (1) or DOT_F8 (2), got {mode!r}")
+    if mode == DOT_F8 and not INTERPRET and torch.cuda.get_device_capability() < (8, 9):
+        raise ValueError("the fp8 mode needs a GPU with compute capability >= 8.9")
+    tuned[mode][grid](*args, **flags)
+
+
+def triton_sign_pack(x: Tensor) -> Tensor:
+    """``[..., K]`` float -> ``[..., ceil(K/32)]`` int32 sign words (bit = ``x < 0``, LSB first)."""
+    _check_float(x, "x")
+    _check_device(x)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dim to pack, got shape {tuple(x.shape)}")
+    k = x.shape[-1]
+    kw = num_words(k)
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], kw, dtype=torch.int32, device=x.device)
+    if rows.shape[0]:
+        block_r, block_kw = (16, 2) if INTERPRET else (16, 4)
+        grid = (triton.cdiv(rows.shape[0], block_r), triton.cdiv(kw, block_kw))
+        sign_pack_rows_kernel[grid](rows, out, rows.shape[0], k, kw, rows.stride(0), BLOCK_R=block_r,
+                                    BLOCK_KW=block_kw)
+    return out.reshape(*x.shape[:-1], kw)
+
+
+def triton_sign_pack_nchw(x: Tensor) -> Tensor:
+    """NCHW float ``[N, C, H, W]`` -> NHWC words ``[N, H, W, ceil(C/32)]`` for ``triton_packed_conv2d``.
+
+    A channels_last input is packed along its contiguous channels; a contiguous NCHW one by a kernel that
+    reads along pixels, so neither makes an NHWC float copy.
+    """
+    _check_float(x, "x")
+    _check_device(x)
+    if x.dim() != 4 or x.shape[1] == 0:
+        raise ValueError(f"x must be [N, C, H, W] with C > 0, got shape {tuple(x.shape)}")
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return triton_sign_pack(x.permute(0, 2, 3, 1))
+    x = x.contiguous()
+    n, c, h, w = x.shape
+    cw = num_words(c)
+    out = torch.empty(n, h, w, cw, dtype=torch.int32, device=x.device)
+    if out.numel():
+        block_p, block_kw = (16, 2) if INTERPRET else (64, 2)
+        grid = (triton.cdiv(h * w, block_p), triton.cdiv(cw, block_kw), n)
+        sign_pack_nchw_kernel[grid](x, out, c, h * w, cw, BLOCK_P=block_p, BLOCK_KW=block_kw)
+    return out
+
+
+def triton_packed_linear(
+    x_bits: Tensor,
+    w_bits: Tensor,
+    k: int,
+    scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    *,
+    mode: int | None = None,
+    config: triton.Config | None = None,
+) -> Tensor:
+    """``x_bits [M, KW]`` (or ``[..., KW]``) times ``w_bits [N, KW]`` over ``k`` bits -> ``[M, N]``
+    (``[..., N]``): int32 dot products of +-1, or ``acc * scale + bias + residual`` in ``out_dtype``."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int (the number of packed bits), got {k!r}")
+    _check_bits(w_bits, "w_bits", 2)
+    if not isinstance(x_bits, Tensor) or x_bits.dim() < 1:
+        raise ValueError("x_bits must be a tensor [..., KW] of packed sign words")
+    lead = tuple(x_bits.shape[:-1])
+    a = x_bits.reshape(-1, x_bits.shape[-1])
+    _check_bits(a, "x_bits", 2)
+    _check_device(a, w_bits, scale, bias, residual)
+    kw = num_words(k)
+    if a.shape[1] != kw or w_bits.shape[1] != kw:
+        raise ValueError(
+            f"k={k} bits need {kw} words per row; got x_bits {tuple(x_bits.shape)}, "
+            f"w_bits {tuple(w_bits.shape)}"
+        )
+    m, n = a.shape[0], w_bits.shape[0]
+    if m * n > _INT32_MAX:
+        raise ValueError(f"output of {m}x{n} exceeds int32 indexing; split the batch")
+    out, scale, bias, residual, raw = _epilogue_args(lead + (n,), n, scale, bias, residual, out_dtype,
+                                                    a.device)
+    if m == 0 or n == 0:
+        return out
+    a, b = a.contiguous(), w_bits.contiguous()
+    flags = dict(HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+                 RAW=raw, INTERPRET=INTERPRET)
+    args = (a, b, out, _or(scale, out), _or(bias, out), _or(residual, out), m, n, k, kw)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _launch(packed_gemm_tuned, packed_gemm_kernel, grid, args, flags, mode, config)
+    return out
+
+
+def triton_packed_conv2d(
+    x_bits: Tensor,
+    w_bits: Tensor,
+    in_channels: int,
+    stride: int | Sequence[int] = (1, 1),
+    padding: int | Sequence[int] = (0, 0),
+    dilation: int | Sequence[int] = (1, 1),
+    pad_value: int = 0,
+    scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    *,
+    mode: int | None = None,
+    config: triton.Config | None = None,
+) -> Tensor:
+    """Binary conv2d on packed NHWC signs: ``x_bits [N, H, W, CW]``, ``w_bits [Cout, KH, KW, CW]`` ->
+    NHWC ``[N, Ho, Wo, Cout]``. ``pad_value=0``: padded taps contribute 0 (``F.conv2d`` on ``sign(x)``);
+    ``pad_value=1``: the padded input is +1. ``residual`` is NHWC ``[N, Ho, Wo, Cout]``."""
+    _check_bits(x_bits, "x_bits", 4)
+    _check_bits(w_bits, "w_bits", 4)
+    _check_device(x_bits, w_bits, scale, bias, residual)
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+    cw = num_words(in_channels)
+    if x_bits.shape[3] != cw or w_bits.shape[3] != cw:
+        raise ValueError(
+            f"in_channels={in_channels} needs {cw} words per pixel; got x_bits {tuple(x_bits.shape)}, "
+            f"w_bits {tuple(w_bits.shape)} (packed NHWC input and [Cout, KH, KW, CW] weights)"
+        )
+    if pad_value not in (0, 1):
+        raise ValueError(f"pad_value must be 0 or 1, got {pad_value!r}")
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(
+        dilation, "dilation", 1)
+    n, h, w, _ = x_bits.shape
+    cout, kh, kw_, _ = w_bits.shape
+    ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw_, sw, pw, dw)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"the {kh}x{kw_} kernel (dilation {dilation}) does not fit the padded {h}x{w} input")
+    m = n * ho * wo
+    if m * cout > _INT32_MAX:
+        raise ValueError(f"output of {m}x{cout} exceeds int32 indexing; split the batch")
+    out, scale, bias, residual, raw = _epilogue_args((n, ho, wo, cout), cout, scale, bias, residual,
+                                                    out_dtype, x_bits.device)
+    if m == 0 or cout == 0:
+        return out
+    x, wt = x_bits.contiguous(), w_bits.contiguous()
+    flags = dict(PAD_ONE=pad_value == 1, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+                 HAS_RES=residual is not None, RAW=raw, INTERPRET=INTERPRET)
+    args = (x, wt, out, _or(scale, out), _or(bias, out), _or(residual, out), m, cout, in_channels, cw, h, w,
+            ho, wo, kh, kw_, sh, sw, ph, pw, dh, dw)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
+
+    _launch(packed_conv_tuned, packed_conv_kernel, grid, args, flags, mode, config)
+    return out
+
+
+def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
+    """A pointer argument for an absent optional operand (never read: its constexpr flag is off)."""
+    return dummy if t is None else t
