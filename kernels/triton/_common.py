@@ -10,6 +10,7 @@ import os
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 #: ``triton.jit`` reads the variable when a kernel is decorated, so it is read once, at import.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -35,7 +36,7 @@ def popcount(x, INTERPRET: tl.constexpr):
         x = x + (x >> 16)
         return x & 0x3F
     else:
-        return tl.extra.cuda.libdevice.popc(x)
+        return libdevice.popc(x)
 
 
 @triton.jit

@@ -43,7 +43,10 @@ def gemm_configs() -> list[triton.Config]:
     if INTERPRET:
         return [INTERPRET_CONFIGS[DOT_I8]]
     configs = [
-        # popcount: small batches (bandwidth bound) and mid-size shapes
+        # popcount: batch ~1 (one row per program, many weight rows streamed), small batches, mid sizes
+        _cfg(POPC, 1, 32, 32, 4, 4),
+        _cfg(POPC, 1, 64, 16, 4, 4),
+        _cfg(POPC, 1, 128, 8, 4, 3),
         _cfg(POPC, 16, 32, 16, 4, 4),
         _cfg(POPC, 16, 64, 8, 4, 4),
         _cfg(POPC, 32, 64, 4, 8, 3),
