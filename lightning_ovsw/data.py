@@ -9,7 +9,13 @@ never the bottleneck.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tarfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -214,3 +220,273 @@ class SyntheticDataModule(InMemoryImageDataModule):
         xtr, ytr = self.generate(self.num_train, gen, templates)
         xva, yva = self.generate(self.num_val, gen, templates)
         return xtr, ytr, xva, yva
+
+
+def _split_of(parts: Sequence[str], splits: dict[str, str]) -> tuple[str, str] | None:
+    """``(split, class)`` for a path ``.../<split>/<class>/<file>`` with a known image suffix."""
+    if len(parts) < 3 or not parts[-1].lower().endswith(_IMAGE_SUFFIXES) or parts[-3] not in splits:
+        return None
+    return splits[parts[-3]], parts[-2]
+
+
+def _decode_all(blobs: list[Tensor], names: list[str], threads: int) -> Tensor:
+    """Decode encoded images into one uint8 ``(N, 3, H, W)`` tensor, in ``threads`` parallel chunks."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    def decode_chunk(start: int) -> list[Tensor]:
+        out = []
+        for i in range(start, min(start + 1024, len(blobs))):
+            try:
+                out.append(decode_image(blobs[i], mode=ImageReadMode.RGB))
+            except RuntimeError as err:
+                raise ValueError(f"cannot decode {names[i]!r} (corrupt or truncated image?): {err}") from err
+        return out
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        images = [img for chunk in pool.map(decode_chunk, range(0, len(blobs), 1024)) for img in chunk]
+    sizes = {tuple(img.shape) for img in images}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"images have different sizes {sorted(sizes)[:4]}; CIFAR10DataModule needs one size "
+            "(use ImageFolderDataModule, which resizes, for mixed-size data)."
+        )
+    return torch.stack(images)
+
+
+class CIFAR10DataModule(InMemoryImageDataModule):
+    """CIFAR-10 from torchvision's download or from an ``ImageFolder`` tree, decoded once and cached.
+
+    ``data_dir`` is one of: a torchvision CIFAR-10 root (``cifar-10-batches-py`` inside, or
+    ``download=True``); an ImageFolder root with ``train/<class>/*`` and ``test/<class>/*`` (or
+    ``val/``); or a ``.tar``/``.tar.xz`` archive of such a tree, read directly without extracting.
+    ImageFolder data is decoded in parallel threads once and cached as plain uint8 tensors in
+    ``cache_dir`` (``torch.save``; loaded with ``weights_only=True``). ``limit`` keeps at most that many
+    images per split, balanced over classes (for quick tests). The test split serves as validation,
+    as in the paper. Augmentation: random crop with padding 4 and horizontal flip (paper), on device.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        source: Literal["auto", "torchvision", "imagefolder"] = "auto",
+        batch_size: int = 256,
+        num_workers: int = 0,
+        seed: int = 0,
+        download: bool = False,
+        cache_dir: str | None = None,
+        limit: int | None = None,
+        augment: bool = True,
+        decode_threads: int | None = None,
+        eval_batch_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            batch_size, num_workers, seed, augment, 4, CIFAR10_MEAN, CIFAR10_STD, eval_batch_size
+        )
+        if source not in ("auto", "torchvision", "imagefolder"):
+            raise ValueError(f"source={source!r}; choose 'auto', 'torchvision' or 'imagefolder'.")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be None or >= 1, got {limit}.")
+        self.data_dir = Path(data_dir).expanduser()
+        self.source = source
+        self.download = download
+        default_cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "lightning_ovsw"
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache
+        self.limit = limit
+        self.decode_threads = decode_threads or min(8, os.cpu_count() or 1)
+        self.num_classes = 10
+
+    def resolved_source(self) -> str:
+        """``"torchvision"`` or ``"imagefolder"``, with a clear error when ``data_dir`` holds neither."""
+        if self.source != "auto":
+            return self.source
+        d = self.data_dir
+        if d.is_file() and d.name.endswith(_ARCHIVE_SUFFIXES):
+            return "imagefolder"
+        if (d / "train").is_dir():
+            return "imagefolder"
+        if (d / "cifar-10-batches-py").is_dir() or self.download:
+            return "torchvision"
+        raise FileNotFoundError(
+            f"no CIFAR-10 found at {str(d)!r}: expected an ImageFolder root (train/, test/), a .tar(.xz) "
+            "of one, or a torchvision root (cifar-10-batches-py/); pass download=True to fetch it."
+        )
+
+    def cache_path(self) -> Path:
+        """Where the decoded tensors of this ImageFolder source (and ``limit``) are cached."""
+        src = self.data_dir.resolve()
+        st = src.stat()
+        key = f"{_CACHE_VERSION}|{src}|{st.st_size}|{st.st_mtime_ns}|{self.limit}"
+        return self.cache_dir / f"cifar10-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+
+    def prepare_data(self) -> None:
+        if self.resolved_source() == "torchvision":
+            from torchvision.datasets import CIFAR10
+
+            CIFAR10(str(self.data_dir), train=True, download=self.download)
+            CIFAR10(str(self.data_dir), train=False, download=self.download)
+        elif not self.cache_path().exists():
+            self._build_cache()
+
+    def _load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if self.resolved_source() == "torchvision":
+            return self._load_torchvision()
+        path = self.cache_path()
+        data = self._read_cache(path) if path.exists() else self._build_cache()
+        return data["train_images"], data["train_labels"], data["test_images"], data["test_labels"]
+
+    def _load_torchvision(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        from torchvision.datasets import CIFAR10  # verifies the files' md5 before reading them
+
+        out: list[Tensor] = []
+        for train in (True, False):
+            ds = CIFAR10(str(self.data_dir), train=train, download=self.download)
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            labels = torch.tensor(ds.targets, dtype=torch.long)
+            if self.limit is not None:
+                images, labels = images[: self.limit], labels[: self.limit]
+            out += [images, labels]
+        return out[0], out[1], out[2], out[3]
+
+    def _read_cache(self, path: Path) -> dict[str, Tensor]:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            for split in ("train", "test"):
+                images, labels = data[f"{split}_images"], data[f"{split}_labels"]
+                if images.dtype != torch.uint8 or images.ndim != 4 or labels.shape != images.shape[:1]:
+                    raise ValueError(f"bad {split} tensors")
+        except Exception as err:
+            msg = f"cache file {str(path)!r} is corrupt ({err}); delete it to rebuild it."
+            raise ValueError(msg) from err
+        return data
+
+    def _collect(self) -> dict[str, list[tuple[str, str, Tensor]]]:
+        """``split -> [(class, name, encoded bytes)]`` from the directory or archive, ``limit`` applied."""
+        splits = {"train": "train", "test": "test", "val": "test"}
+        found: dict[str, list[tuple[str, str, bytes]]] = {"train": [], "test": []}
+        if self.data_dir.is_file():
+            try:
+                with tarfile.open(self.data_dir) as archive:  # read members as bytes, never extract
+                    for member in archive:
+                        where = _split_of(member.name.split("/"), splits) if member.isfile() else None
+                        if where is not None:
+                            blob = archive.extractfile(member).read()
+                            found[where[0]].append((where[1], member.name, blob))
+            except (tarfile.TarError, EOFError, OSError) as err:
+                msg = f"cannot read archive {str(self.data_dir)!r} (corrupt or truncated?): {err}"
+                raise ValueError(msg) from err
+        else:
+            for path in sorted(self.data_dir.glob("*/*/*")):
+                where = _split_of(path.relative_to(self.data_dir).parts, splits)
+                if where is not None and path.is_file():
+                    found[where[0]].append((where[1], str(path), path.read_bytes()))
+        result: dict[str, list[tuple[str, str, Tensor]]] = {}
+        for split, items in found.items():
+            if not items:
+                msg = f"no {split} images under {str(self.data_dir)!r} (<split>/<class>/<file>)."
+                raise FileNotFoundError(msg)
+            items.sort(key=lambda t: (t[0], t[1]))
+            if self.limit is not None:
+                classes = sorted({c for c, _, _ in items})
+                per_class = -(-self.limit // len(classes))
+                counts: dict[str, int] = {}
+                kept = []
+                for item in items:
+                    counts[item[0]] = counts.get(item[0], 0) + 1
+                    if counts[item[0]] <= per_class:
+                        kept.append(item)
+                items = kept[: self.limit]
+            result[split] = [(c, n, torch.frombuffer(bytearray(b), dtype=torch.uint8)) for c, n, b in items]
+        return result
+
+    def _build_cache(self) -> dict[str, Tensor]:
+        found = self._collect()
+        classes = sorted({c for c, _, _ in found["train"]})
+        if len(classes) != self.num_classes:
+            raise ValueError(f"expected {self.num_classes} class folders, found {len(classes)}: {classes}")
+        index = {c: i for i, c in enumerate(classes)}
+        data: dict[str, Tensor] = {}
+        for split, items in found.items():
+            unknown = {c for c, _, _ in items} - set(index)
+            if unknown:
+                raise ValueError(f"{split} has classes missing from train: {sorted(unknown)}")
+            data[f"{split}_images"] = _decode_all([b for _, _, b in items], [n for _, n, _ in items],
+                                                  self.decode_threads)
+            data[f"{split}_labels"] = torch.tensor([index[c] for c, _, _ in items], dtype=torch.long)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        path = self.cache_path()
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(data, tmp)
+        tmp.replace(path)
+        return data
+
+
+class ImageFolderDataModule(LightningDataModule):
+    """ImageNet-style ``root/train/<class>/*`` and ``root/val/<class>/*`` with torchvision transforms v2.
+
+    Train: ``RandomResizedCrop(crop_size)`` + horizontal flip; val/test: resize to ``resize_size`` and
+    center-crop ``crop_size``; both normalised with the ImageNet mean and std.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        batch_size: int = 512,
+        num_workers: int | None = None,
+        crop_size: int = 224,
+        resize_size: int = 256,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if crop_size < 1 or resize_size < crop_size:
+            raise ValueError(f"need 1 <= crop_size <= resize_size, got {crop_size}, {resize_size}.")
+        self.root = Path(data_dir).expanduser()
+        self.train_dir, self.val_dir = train_dir, val_dir
+        self.batch_size = batch_size
+        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.crop_size, self.resize_size = crop_size, resize_size
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def transforms(self, train: bool):
+        """The torchvision transforms v2 pipeline for the train or the evaluation split."""
+        from torchvision.transforms import v2
+
+        if train:
+            geometry = [v2.RandomResizedCrop(self.crop_size, antialias=True), v2.RandomHorizontalFlip()]
+        else:
+            geometry = [v2.Resize(self.resize_size, antialias=True), v2.CenterCrop(self.crop_size)]
+        to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        return v2.Compose([v2.ToImage(), *geometry, *to_float])
+
+    def setup(self, stage: str | None = None) -> None:
+        from torchvision.datasets import ImageFolder
+
+        for sub in (self.train_dir, self.val_dir):
+            if not (self.root / sub).is_dir():
+                msg = f"{str(self.root / sub)!r} is missing; expected <root>/{sub}/<class>/<image>."
+                raise FileNotFoundError(msg)
+        if self.train_set is None:
+            self.train_set = ImageFolder(str(self.root / self.train_dir), transform=self.transforms(True))
+            self.val_set = ImageFolder(str(self.root / self.val_dir), transform=self.transforms(False))
+            self.num_classes = len(self.train_set.classes)
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader.")
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), drop_last=shuffle,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
