@@ -143,7 +143,7 @@ class InMemoryImageDataModule(LightningDataModule):
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if self._aug_generator is None or self._aug_generator.device != device:
-            rank = self.trainer.global_rank if self._trainer is not None else 0
+            rank = self.trainer.global_rank if self.trainer is not None else 0
             self._aug_generator = torch.Generator(device=device).manual_seed(self.seed + 7919 * (rank + 1))
         return self._aug_generator
 
@@ -157,7 +157,7 @@ class InMemoryImageDataModule(LightningDataModule):
         self, batch: tuple[Tensor, Tensor], dataloader_idx: int
     ) -> tuple[Tensor, Tensor]:
         images, labels = batch
-        training = self._trainer is not None and self.trainer.training
+        training = self.trainer is not None and self.trainer.training
         if training and self.augment and self.crop_padding >= 0:
             images = random_crop_flip(images, self.crop_padding, self._generator(images.device))
         return self.normalize(images), labels
