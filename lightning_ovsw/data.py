@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -242,7 +243,9 @@ def _decode_all(blobs: list[Tensor], names: list[str], threads: int) -> Tensor:
                 raise ValueError(f"cannot decode {names[i]!r} (corrupt or truncated image?): {err}") from err
         return out
 
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads) as pool:
+        # torchvision 0.29 deprecates its decoders in favour of torchcodec; they stay until 0.30 (pinned)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision.io")
         images = [img for chunk in pool.map(decode_chunk, range(0, len(blobs), 1024)) for img in chunk]
     sizes = {tuple(img.shape) for img in images}
     if len(sizes) != 1:
