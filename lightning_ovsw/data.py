@@ -113,6 +113,7 @@ class InMemoryImageDataModule(LightningDataModule):
         self.train_set: TensorImageDataset | None = None
         self.val_set: TensorImageDataset | None = None
         self._aug_generator: torch.Generator | None = None
+        self._stats: dict[str, tuple[Tensor, Tensor]] = {}
 
     def _load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         raise NotImplementedError
@@ -150,8 +151,12 @@ class InMemoryImageDataModule(LightningDataModule):
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 ``(N, C, H, W)`` -> float32 ``(x / 255 - mean) / std``."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        key = str(images.device)
+        if key not in self._stats:  # built once per device: no host-to-device copy per batch
+            mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+            self._stats[key] = (mean, std)
+        mean, std = self._stats[key]
         return (images.float().div_(255.0) - mean) / std
 
     def on_after_batch_transfer(
@@ -159,7 +164,7 @@ class InMemoryImageDataModule(LightningDataModule):
     ) -> tuple[Tensor, Tensor]:
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
-        if training and self.augment and self.crop_padding >= 0:
+        if training and self.augment:
             images = random_crop_flip(images, self.crop_padding, self._generator(images.device))
         return self.normalize(images), labels
 
