@@ -11,6 +11,7 @@ from lightning_ovsw.kernels import reference
 from torch import nn
 
 from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear
+from lightning_ovsw.models import MODELS
 from lightning_ovsw.pack import pack_model
 from lightning_ovsw.packed import PackedConv2d, PackedLinear, packed_nbytes
 
@@ -204,3 +205,19 @@ def test_channels_last_model_keeps_weight_bits_k_contiguous():
         memory_format=torch.channels_last
     )
     assert_matches(model, packed, x.to(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize(
+    "name,size",
+    [("resnet20_1w1a", 32), ("resnet18_cifar_1w1a", 32), ("vgg_small_1w1a", 32), ("resnet18_1w1a", 64)],
+)
+def test_zoo_models_match_float_model(name, size):
+    x = torch.randn(2, 3, size, size)
+    model = with_bn_statistics(MODELS[name](), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the zoo traces with torch.fx: BatchNorms are folded
+        packed = pack_model(model)
+    n_binary = sum(isinstance(m, BinaryLayer) for m in model.modules())
+    assert n_binary > 0
+    assert sum(isinstance(m, (PackedConv2d, PackedLinear)) for m in packed.modules()) == n_binary
+    assert_matches(model, packed, x)

@@ -1,0 +1,267 @@
+"""CPU latency of a packed binary ResNet-18 vs its fp32 float twin (issue 6), batch 1, 224x224.
+
+Measured in one run on the same cores, at 1 and 2 threads: the packed model (``pack_model``), the same
+program after ``torch.export`` round trip, its fp32 float twin (the same architecture with every binary
+layer swapped back to ``nn.Conv2d`` / ``nn.Linear``) and torchvision's fp32 ResNet-18, all channels_last.
+Also per-layer time shares and GEMM rates of the packed model (forward hooks), and the model file sizes.
+
+    python benchmarks/cpu_inference.py [--repeats 30] [--arch resnet18_1w1a|torchvision]
+
+Prints a table and writes ``benchmarks/results/cpu_inference_<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+import lightning_ovsw
+from lightning_ovsw.export import export_packed, load_exported
+from lightning_ovsw.io import save_packed
+from lightning_ovsw.layers import BinaryConv2d, BinaryLinear
+from lightning_ovsw.pack import pack_model
+from lightning_ovsw.packed import PackedConv2d, PackedLinear, packed_nbytes
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def binary_model(arch: str) -> tuple[nn.Module, str]:
+    """The paper's ImageNet ResNet-18 (zoo) if available and asked for, else a binarized torchvision one."""
+    if arch == "resnet18_1w1a":
+        try:
+            from lightning_ovsw.models import resnet18_1w1a
+
+            return resnet18_1w1a(), "lightning_ovsw.models.resnet18_1w1a"
+        except ImportError as err:
+            print(f"resnet18_1w1a unavailable ({err}); using binarized torchvision resnet18", file=sys.stderr)
+    try:
+        from lightning_ovsw.convert import binarize_model
+
+        return binarize_model(torchvision.models.resnet18()), "binarize_model(torchvision resnet18)"
+    except ImportError:
+        model = torchvision.models.resnet18()
+        for name, m in list(model.named_modules()):
+            if isinstance(m, nn.Conv2d) and name != "conv1":
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, BinaryConv2d.from_float(m))
+        return model, "torchvision resnet18, binary convs (first conv, fc float)"
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """The same architecture and weights with every binary layer back to a plain float layer."""
+    twin = copy.deepcopy(model)
+    for name, m in list(twin.named_modules()):
+        if isinstance(m, BinaryConv2d):
+            plain = nn.Conv2d(
+                m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                m.bias is not None,
+            )
+        elif isinstance(m, BinaryLinear):
+            plain = nn.Linear(m.in_features, m.out_features, m.bias is not None)
+        else:
+            continue
+        plain.load_state_dict(m.state_dict(), strict=False)
+        parent, _, attr = name.rpartition(".")
+        setattr(twin.get_submodule(parent) if parent else twin, attr, plain)
+    return twin.eval()
+
+
+def calibrate(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics (a few train-mode batches at low resolution), then eval."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 64, 64))
+    return model.eval()
+
+
+def median_ms(fns: dict[str, object], x: torch.Tensor, repeats: int, warmup: int = 5) -> dict[str, float]:
+    """Median latency of each callable, measured interleaved so drift hits all of them alike."""
+    times: dict[str, list[float]] = defaultdict(list)
+    with torch.inference_mode():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn(x)
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def layer_profile(model: nn.Module, x: torch.Tensor, repeats: int) -> list[dict]:
+    """Median time of every leaf module (forward hooks), its share of the sum, and packed GEMM rates."""
+    times: dict[str, list[float]] = defaultdict(list)
+    shapes: dict[str, tuple] = {}
+    starts: dict[str, float] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if next(m.children(), None) is not None:
+            continue
+
+        def pre(mod, args, name=name):
+            starts[name] = time.perf_counter()
+
+        def post(mod, args, out, name=name):
+            times[name].append((time.perf_counter() - starts[name]) * 1e3)
+            shapes[name] = tuple(out.shape)
+
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    with torch.inference_mode():
+        for _ in range(repeats):
+            model(x)
+    for h in handles:
+        h.remove()
+    modules = dict(model.named_modules())
+    rows = [
+        {"layer": n, "type": type(modules[n]).__name__, "ms": statistics.median(t)} for n, t in times.items()
+    ]
+    total = sum(r["ms"] for r in rows)
+    for r in rows:
+        r["share"] = r["ms"] / total
+        m = modules[r["layer"]]
+        if isinstance(m, PackedConv2d):
+            n, _, ho, wo = shapes[r["layer"]]
+            ops = 2 * n * ho * wo * m.out_channels * m.kernel_size[0] * m.kernel_size[1] * m.in_channels
+            r["binary_gops"] = ops / (r["ms"] * 1e6)
+            r["shape"] = f"{m.in_channels}->{m.out_channels} k{m.kernel_size[0]} s{m.stride[0]} out {ho}x{wo}"
+        elif isinstance(m, PackedLinear):
+            r["binary_gops"] = 2 * m.in_features * m.out_features * x.shape[0] / (r["ms"] * 1e6)
+    return rows
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def kernel_info() -> str:
+    """What the ovsw ops run on here (the ops module's own report when it offers one)."""
+    try:
+        from lightning_ovsw.kernels import ops
+    except ImportError:
+        return "reference (kernels.ops missing)"
+    for attr in ("backend_info", "cpu_backend", "backend"):
+        fn = getattr(ops, attr, None)
+        if callable(fn):
+            return str(fn())
+    return "lightning_ovsw.kernels.ops"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--arch", choices=["resnet18_1w1a", "torchvision"], default="resnet18_1w1a")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    model, arch = binary_model(args.arch)
+    model = calibrate(model)
+    packed = pack_model(model).to(memory_format=torch.channels_last)
+    twin = float_twin(model).to(memory_format=torch.channels_last)
+    tv = torchvision.models.resnet18().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 224, 224).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        same_class = bool((packed(x).argmax(1) == model(x).argmax(1)).all())
+        max_diff = (packed(x) - model(x)).abs().max().item()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {
+            "save_packed_fp32": save_packed(packed, Path(tmp) / "m.ovsw"),
+            "save_packed_fp16_float_layers": save_packed(
+                packed, Path(tmp) / "h.ovsw", float_dtype=torch.float16
+            ),
+            "torch_export_pt2": export_packed(packed, x, Path(tmp) / "m.pt2", dynamic_batch=False),
+        }
+        exported = load_exported(Path(tmp) / "m.pt2")
+    sizes = {
+        "files_bytes": files,
+        "packed_in_memory_bytes": packed_nbytes(packed),
+        "float_twin_fp32_param_bytes": sum(p.numel() * 4 for p in twin.parameters()),
+        "torchvision_fp32_param_bytes": sum(p.numel() * 4 for p in tv.parameters()),
+    }
+
+    latency = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        fns = {"packed": packed, "packed_exported": exported, "float_twin_fp32": twin, "torchvision_fp32": tv}
+        latency[threads] = median_ms(fns, x, args.repeats)
+    torch.set_num_threads(max(args.threads))
+    layers = layer_profile(packed, x, max(5, args.repeats // 3))
+
+    print(f"\n{arch}, 224x224, batch 1, channels_last; {cpu_name()}; kernels: {kernel_info()}")
+    print(f"packed vs float binarized model: max |diff| {max_diff:.2e}, same argmax: {same_class}")
+    print(f"{'threads':>7} | {'packed ms':>9} | {'exported':>8} | {'fp32 twin':>9} | {'tv fp32':>7} | "
+          f"{'twin/packed':>11} | {'tv/packed':>9}")
+    for t, lat in latency.items():
+        print(f"{t:>7} | {lat['packed']:9.2f} | {lat['packed_exported']:8.2f} | "
+              f"{lat['float_twin_fp32']:9.2f} | {lat['torchvision_fp32']:7.2f} | "
+              f"{lat['float_twin_fp32'] / lat['packed']:10.2f}x | "
+              f"{lat['torchvision_fp32'] / lat['packed']:8.2f}x")
+    by_type: dict[str, float] = defaultdict(float)
+    for r in layers:
+        by_type[r["type"]] += r["share"]
+    print("time share by layer type (packed, hooks): "
+          + ", ".join(f"{k} {v:.0%}" for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])))
+    print("packed conv layers:")
+    for r in layers:
+        if "shape" in r:
+            print(f"  {r['layer']:<24} {r['shape']:<30} {r['ms']:7.3f} ms {r['share']:6.1%} "
+                  f"{r['binary_gops']:8.1f} binary GOP/s")
+    print("sizes (bytes): " + json.dumps(sizes))
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    result = {
+        "benchmark": "cpu_inference",
+        "date": now.isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": {"cpu": cpu_name(), "machine": platform.machine(), "logical_cpus": torch.get_num_threads()},
+        "versions": {
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "lightning_ovsw": lightning_ovsw.__version__,
+        },
+        "kernels": kernel_info(),
+        "model": arch,
+        "input": [1, 3, 224, 224],
+        "repeats": args.repeats,
+        "packed_vs_float_binarized": {"max_abs_diff": max_diff, "same_argmax": same_class},
+        "latency_ms_median": {str(t): lat for t, lat in latency.items()},
+        "speedup_vs_float_twin": {
+            str(t): lat["float_twin_fp32"] / lat["packed"] for t, lat in latency.items()
+        },
+        "speedup_vs_torchvision_fp32": {
+            str(t): lat["torchvision_fp32"] / lat["packed"] for t, lat in latency.items()
+        },
+        "sizes": sizes,
+        "layers": layers,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"cpu_inference_{now:%Y%m%d_%H%M}.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
