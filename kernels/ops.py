@@ -1,0 +1,310 @@
+"""The ``ovsw`` packed ops (``torch.ops.ovsw.*``), with the semantics of ``kernels/reference.py``.
+
+Importing this module registers, through ``torch.library``:
+
+- ``ovsw::sign_pack(Tensor x) -> Tensor``: ``[..., K]`` float -> ``[..., ceil(K/32)]`` int32 sign words;
+- ``ovsw::sign_pack_nchw(Tensor x) -> Tensor``: NCHW float -> NHWC words, the input of ``packed_conv2d``;
+- ``ovsw::packed_linear(x_bits, w_bits, k, scale, bias, residual, out_dtype)``;
+- ``ovsw::packed_conv2d(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias,
+  residual, out_dtype)``;
+
+each with a fake (meta) kernel, so ``torch.compile`` and ``torch.export`` trace them and an exported
+program runs in any process that imports ``lightning_ovsw.kernels.ops``. Dispatch: CPU tensors run the C++
+popcount kernels (``kernels/cpu``, built on first use), or the reference when the extension could not be
+built (with one warning that says why); CUDA tensors run the Triton kernels
+(``lightning_ovsw.kernels.triton.ops``), or the reference if Triton cannot be imported; other devices run
+the reference. Without ``scale``, ``bias``, ``residual`` and ``out_dtype`` the ops return the raw int32
+accumulator ``dot(sign(x), sign(w))``; otherwise ``acc * scale + bias + residual`` (float32) in
+``out_dtype`` (float32 if None).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .reference import conv_output_size, num_words
+
+__all__ = ["packed_conv2d", "packed_linear", "sign_pack", "sign_pack_nchw"]
+
+_LIB = torch.library.Library("ovsw", "DEF")
+_LIB.define("sign_pack(Tensor x) -> Tensor")
+_LIB.define("sign_pack_nchw(Tensor x) -> Tensor")
+_LIB.define(
+    "packed_linear(Tensor x_bits, Tensor w_bits, int k, Tensor? scale=None, Tensor? bias=None, "
+    "Tensor? residual=None, ScalarType? out_dtype=None) -> Tensor"
+)
+_LIB.define(
+    "packed_conv2d(Tensor x_bits, Tensor w_bits, int in_channels, int[2] stride=[1, 1], "
+    "int[2] padding=[0, 0], int[2] dilation=[1, 1], int pad_value=0, Tensor? scale=None, "
+    "Tensor? bias=None, Tensor? residual=None, ScalarType? out_dtype=None) -> Tensor"
+)
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------- validation
+def _check_bits(t: Tensor, name: str, ndim: int | None) -> None:
+    if not isinstance(t, Tensor) or t.dtype != torch.int32:
+        raise TypeError(
+            f"{name} must be an int32 tensor of packed sign words (from ovsw.sign_pack), "
+            f"got {getattr(t, 'dtype', type(t).__name__)}"
+        )
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+
+
+def _check_float(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor) or x.dtype not in _FLOATS:
+        got = getattr(x, "dtype", type(x).__name__)
+        raise TypeError(f"{name} must be a floating point tensor, got {got}")
+
+
+def _check_same_device(**tensors: Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        found = ", ".join(f"{name} on {d}" for name, d in devices.items())
+        raise ValueError(f"all tensors must be on one device; got {found}. Move them with .to(device).")
+
+
+def _check_epilogue(out_shape: tuple[int, ...], scale: Tensor | None, bias: Tensor | None,
+                    residual: Tensor | None, out_dtype: torch.dtype | None) -> None:
+    n = out_shape[-1]
+    for name, v in (("scale", scale), ("bias", bias)):
+        if v is not None:
+            _check_float(v, name)
+            if v.numel() != n:
+                raise ValueError(
+                    f"{name} must hold one value per output channel ({n}), got shape {tuple(v.shape)}")
+    if residual is not None:
+        _check_float(residual, "residual")
+        if tuple(residual.shape) != tuple(out_shape):
+            raise ValueError(
+                f"residual must have the output's shape {tuple(out_shape)}, got {tuple(residual.shape)}")
+    if out_dtype is not None and out_dtype not in _FLOATS:
+        raise ValueError(
+            f"out_dtype must be None (int32 or float32 output) or one of {_FLOATS}, got {out_dtype}")
+
+
+def _result_dtype(scale, bias, residual, out_dtype) -> torch.dtype:
+    if scale is None and bias is None and residual is None and out_dtype is None:
+        return torch.int32
+    return out_dtype or torch.float32
+
+
+def _pair(v: Sequence[int], name: str, minimum: int) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(i, int) and i >= minimum for i in pair):
+        raise ValueError(f"{name} must be a pair of ints >= {minimum}, got {v!r}")
+    return pair
+
+
+def _check_sign_pack(x: Tensor) -> None:
+    _check_float(x, "x")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dim to pack, got shape {tuple(x.shape)}")
+
+
+def _check_sign_pack_nchw(x: Tensor) -> None:
+    _check_float(x, "x")
+    if x.dim() != 4 or x.shape[1] == 0:
+        raise ValueError(f"x must be NCHW [N, C, H, W] with C > 0, got shape {tuple(x.shape)}")
+
+
+def _linear_shape(x_bits, w_bits, k, scale, bias, residual, out_dtype) -> tuple[int, ...]:
+    """Validate ``packed_linear``'s arguments; return the output shape."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int (the number of packed bits), got {k!r}")
+    _check_bits(x_bits, "x_bits", None)
+    _check_bits(w_bits, "w_bits", 2)
+    if x_bits.dim() < 1:
+        raise ValueError("x_bits must be a tensor [..., ceil(k/32)] of packed sign words, got a scalar")
+    _check_same_device(x_bits=x_bits, w_bits=w_bits, scale=scale, bias=bias, residual=residual)
+    kw = num_words(k)
+    if x_bits.shape[-1] != kw or w_bits.shape[-1] != kw:
+        raise ValueError(
+            f"k={k} bits need {kw} words per row; got x_bits {tuple(x_bits.shape)}, w_bits "
+            f"{tuple(w_bits.shape)}. Pack both with ovsw.sign_pack over the same k features."
+        )
+    out_shape = (*x_bits.shape[:-1], w_bits.shape[0])
+    _check_epilogue(out_shape, scale, bias, residual, out_dtype)
+    return out_shape
+
+
+def _conv_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias, residual,
+                out_dtype) -> tuple[int, ...]:
+    """Validate ``packed_conv2d``'s arguments; return the NHWC output shape."""
+    _check_bits(x_bits, "x_bits", 4)
+    _check_bits(w_bits, "w_bits", 4)
+    _check_same_device(x_bits=x_bits, w_bits=w_bits, scale=scale, bias=bias, residual=residual)
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+    cw = num_words(in_channels)
+    if x_bits.shape[3] != cw or w_bits.shape[3] != cw:
+        raise ValueError(
+            f"in_channels={in_channels} needs {cw} words per pixel; got x_bits {tuple(x_bits.shape)}, w_bits "
+            f"{tuple(w_bits.shape)} (expected packed NHWC input [N, H, W, CW], e.g. from "
+            "ovsw.sign_pack_nchw, and weights [Cout, KH, KW, CW])"
+        )
+    if pad_value not in (0, 1):
+        raise ValueError(
+            f"pad_value must be 0 (padded taps contribute 0) or 1 (pad with +1), got {pad_value!r}")
+    (sh, sw), (ph, pw), (dh, dw) = (_pair(stride, "stride", 1), _pair(padding, "padding", 0),
+                                    _pair(dilation, "dilation", 1))
+    n, h, w, _ = x_bits.shape
+    cout, kh, kwid, _ = w_bits.shape
+    ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kwid, sw, pw, dw)
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"the {kh}x{kwid} kernel (dilation {(dh, dw)}) does not fit the {h}x{w} input padded by "
+            f"{(ph, pw)}"
+        )
+    out_shape = (n, ho, wo, cout)
+    _check_epilogue(out_shape, scale, bias, residual, out_dtype)
+    return out_shape
+
+
+# ------------------------------------------------------------------------------------------- backends
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _cpu_backend():
+    """The C++ kernels (``kernels/cpu``), or None (warned once) when they are not available."""
+    from . import cpu
+
+    ext = cpu.load_extension()
+    if ext is None:
+        _warn_once("cpu", f"lightning_ovsw: the C++ CPU kernels are not available ({cpu.build_error()}); "
+                          "the ovsw ops run on the slow PyTorch reference path.")
+    return ext
+
+
+def _triton_backend():
+    """``lightning_ovsw.kernels.triton.ops``, or None (warned once) when it cannot be imported."""
+    try:
+        from .triton import ops as triton_ops
+    except Exception as err:  # noqa: BLE001  (any import failure means: use the reference)
+        _warn_once("cuda", f"lightning_ovsw: the Triton kernels cannot be imported ({err!r}); the ovsw ops "
+                           "run on the slow PyTorch reference path on CUDA.")
+        return None
+    return triton_ops
+
+
+def _sign_pack_nchw_reference(x: Tensor) -> Tensor:
+    return reference.sign_pack(x.permute(0, 2, 3, 1))
+
+
+# ----------------------------------------------------------------------------------------- impls
+def _impl(name: str, reference_fn: Callable, cpu_fn: Callable, cuda_fn: Callable, check: Callable) -> None:
+    """Register CPU, CUDA and fallback (any other device) kernels of ``ovsw::name``."""
+
+    signature = inspect.signature(reference_fn)
+
+    def full(args, kwargs) -> tuple:  # the dispatcher drops trailing defaults; put them back
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        check(*bound.args)
+        return bound.args
+
+    def cpu_kernel(*args, **kwargs):
+        args = full(args, kwargs)
+        ext = _cpu_backend()
+        return reference_fn(*args) if ext is None else cpu_fn(ext, *args)
+
+    def cuda_kernel(*args, **kwargs):
+        args = full(args, kwargs)
+        tri = _triton_backend()
+        return reference_fn(*args) if tri is None else cuda_fn(tri, *args)
+
+    def other_kernel(*args, **kwargs):
+        return reference_fn(*full(args, kwargs))
+
+    _LIB.impl(name, cpu_kernel, "CPU")
+    _LIB.impl(name, cuda_kernel, "CUDA")
+    _LIB.impl(name, other_kernel, "CompositeExplicitAutograd")
+
+
+def _conv_reference(x_bits, w_bits, in_channels, stride=(1, 1), padding=(0, 0), dilation=(1, 1), pad_value=0,
+                    scale=None, bias=None, residual=None, out_dtype=None):
+    return reference.packed_conv2d(x_bits, w_bits, in_channels, tuple(stride), tuple(padding),
+                                   tuple(dilation), pad_value, scale, bias, residual, out_dtype)
+
+
+_impl("sign_pack", reference.sign_pack, lambda ext, x: ext.sign_pack(x),
+      lambda tri, x: tri.triton_sign_pack(x), _check_sign_pack)
+_impl("sign_pack_nchw", _sign_pack_nchw_reference, lambda ext, x: ext.sign_pack_nchw(x),
+      lambda tri, x: tri.triton_sign_pack_nchw(x), _check_sign_pack_nchw)
+_impl("packed_linear", reference.packed_linear, lambda ext, *a: ext.packed_linear(*a),
+      lambda tri, *a: tri.triton_packed_linear(*a), _linear_shape)
+_impl("packed_conv2d", _conv_reference, lambda ext, *a: ext.packed_conv2d(*a),
+      lambda tri, x, w, c, s, p, d, *a: tri.triton_packed_conv2d(x, w, c, tuple(s), tuple(p), tuple(d), *a),
+      _conv_shape)
+
+
+# ------------------------------------------------------------------------------------------ fakes
+@torch.library.register_fake("ovsw::sign_pack", lib=_LIB)
+def _sign_pack_fake(x: Tensor) -> Tensor:
+    _check_sign_pack(x)
+    return x.new_empty((*x.shape[:-1], num_words(x.shape[-1])), dtype=torch.int32)
+
+
+@torch.library.register_fake("ovsw::sign_pack_nchw", lib=_LIB)
+def _sign_pack_nchw_fake(x: Tensor) -> Tensor:
+    _check_sign_pack_nchw(x)
+    n, c, h, w = x.shape
+    return x.new_empty((n, h, w, num_words(c)), dtype=torch.int32)
+
+
+@torch.library.register_fake("ovsw::packed_linear", lib=_LIB)
+def _packed_linear_fake(x_bits, w_bits, k, scale=None, bias=None, residual=None, out_dtype=None):
+    shape = _linear_shape(x_bits, w_bits, k, scale, bias, residual, out_dtype)
+    return x_bits.new_empty(shape, dtype=_result_dtype(scale, bias, residual, out_dtype))
+
+
+@torch.library.register_fake("ovsw::packed_conv2d", lib=_LIB)
+def _packed_conv2d_fake(x_bits, w_bits, in_channels, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                        pad_value=0, scale=None, bias=None, residual=None, out_dtype=None):
+    shape = _conv_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias,
+                        residual, out_dtype)
+    return x_bits.new_empty(shape, dtype=_result_dtype(scale, bias, residual, out_dtype))
+
+
+# ---------------------------------------------------------------------------------- python entry points
+def sign_pack(x: Tensor) -> Tensor:
+    """``[..., K]`` float -> ``[..., ceil(K/32)]`` int32 words, bit ``i`` = ``x[..., i] < 0`` (LSB first)."""
+    return torch.ops.ovsw.sign_pack(x)
+
+
+def sign_pack_nchw(x: Tensor) -> Tensor:
+    """Conv input helper: NCHW float ``[N, C, H, W]`` (any memory format) -> packed NHWC words
+    ``[N, H, W, ceil(C/32)]``, in one pass (no NHWC float copy)."""
+    return torch.ops.ovsw.sign_pack_nchw(x)
+
+
+def packed_linear(x_bits: Tensor, w_bits: Tensor, k: int, scale: Tensor | None = None,
+                  bias: Tensor | None = None, residual: Tensor | None = None,
+                  out_dtype: torch.dtype | None = None) -> Tensor:
+    """``x_bits [..., KW] . w_bits [N, KW]`` over ``k`` bits -> int32 ``[..., N]``, or the epilogue
+    ``acc * scale + bias + residual`` in ``out_dtype``."""
+    return torch.ops.ovsw.packed_linear(x_bits, w_bits, k, scale, bias, residual, out_dtype)
+
+
+def packed_conv2d(x_bits: Tensor, w_bits: Tensor, in_channels: int, stride: Sequence[int] = (1, 1),
+                  padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), pad_value: int = 0,
+                  scale: Tensor | None = None, bias: Tensor | None = None, residual: Tensor | None = None,
+                  out_dtype: torch.dtype | None = None) -> Tensor:
+    """Binary conv2d on packed NHWC signs -> NHWC ``[N, Ho, Wo, Cout]`` (see ``reference.packed_conv2d``)."""
+    return torch.ops.ovsw.packed_conv2d(
+        x_bits, w_bits, in_channels, list(_pair(stride, "stride", 1)), list(_pair(padding, "padding", 0)),
+        list(_pair(dilation, "dilation", 1)), pad_value, scale, bias, residual, out_dtype)
