@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 RESULTS = Path(__file__).parent / "results"
-MODE_NAMES = {None: "auto", 0: "popcount", 1: "int8 dot", 2: "fp8 dot"}
+MODE_NAMES = {None: "auto", 0: "popcount", 1: "int8 dot", 2: "fp8 dot", 3: "2-pass int8", 4: "2-pass fp8"}
 
 
 def refuse_without_gpu() -> None:
@@ -60,9 +60,9 @@ def bench_us(fn) -> float:
 
 
 def modes(ops) -> list:
-    found = [None, ops.POPC, ops.DOT_I8]
+    found = [None, ops.POPC, ops.DOT_I8, ops.DENSE_I8]
     if torch.cuda.get_device_capability() >= (8, 9):
-        found.append(ops.DOT_F8)
+        found += [ops.DOT_F8, ops.DENSE_F8]
     return found
 
 

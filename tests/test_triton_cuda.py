@@ -18,9 +18,9 @@ if torch.cuda.is_available():
     from lightning_ovsw.kernels import reference
     from lightning_ovsw.kernels.triton import ops
 
-    MODES = [None, ops.POPC, ops.DOT_I8]
+    MODES = [None, ops.POPC, ops.DOT_I8, ops.DENSE_I8]
     if torch.cuda.get_device_capability() >= (8, 9):
-        MODES.append(ops.DOT_F8)
+        MODES += [ops.DOT_F8, ops.DENSE_F8]
 else:
     MODES = []
 

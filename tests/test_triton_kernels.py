@@ -1,9 +1,10 @@
 """Triton packed kernels against ``kernels/reference.py`` (the oracle: unpack to +-1, float matmul/conv).
 
-Without CUDA the kernels run under ``TRITON_INTERPRET=1`` (set by conftest) on small shapes; every
-inner-product mode (popcount, int8 ``tl.dot``, fp8 ``tl.dot``) is pinned to one small config, and the
-default autotuned path is checked too. Integer results must be bit-exact; the float epilogue must agree
-within one rounding of the output dtype.
+Without CUDA the kernels run under ``TRITON_INTERPRET=1`` (set by conftest) on small shapes. Every mode
+is pinned to one small config: popcount, int8 / fp8 ``tl.dot`` on bits unpacked in registers, and the
+two-pass int8 / fp8 paths (unpack to bytes, then a dense ``tl.dot`` kernel); the default autotuned path
+is checked too. Integer results must be bit-exact; the float epilogue must agree within one rounding of
+the output dtype.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 from lightning_ovsw.kernels import reference  # noqa: E402
-from lightning_ovsw.kernels.triton import ops  # noqa: E402
-from lightning_ovsw.kernels.triton.conv import INTERPRET_CONFIGS as CONV_CONFIGS  # noqa: E402
-from lightning_ovsw.kernels.triton.gemm import INTERPRET_CONFIGS as GEMM_CONFIGS  # noqa: E402
+from lightning_ovsw.kernels.triton import conv, dense, gemm, ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-MODES = [ops.POPC, ops.DOT_I8, ops.DOT_F8]
+MODES = [ops.POPC, ops.DOT_I8, ops.DOT_F8, ops.DENSE_I8, ops.DENSE_F8]
 if DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
-    MODES.remove(ops.DOT_F8)
+    MODES = [m for m in MODES if m not in (ops.DOT_F8, ops.DENSE_F8)]
+# one small pinned config per mode (the configs the interpreter autotunes over)
+GEMM_CONFIGS = {**gemm.INTERPRET_CONFIGS, **dense.INTERPRET_CONFIGS}
+CONV_CONFIGS = {**conv.INTERPRET_CONFIGS, **dense.INTERPRET_CONFIGS}
 HYP = settings(max_examples=100, deadline=None, derandomize=True)
 # one rounding of each output dtype (the interpreter truncates to bf16, the GPU rounds to nearest)
 TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (2**-7, 1e-2), torch.float16: (2**-10, 1e-3)}

@@ -19,6 +19,11 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POPC = 0  # XOR + popcount over 32-bit words
 DOT_I8 = 1  # unpack to int8 +-1, tl.dot with int32 accumulation
 DOT_F8 = 2  # unpack to fp8 e4m3 +-1, tl.dot with fp32 accumulation (sm >= 89)
+# Two-pass modes: unpack both operands to +-1 bytes in memory once, then a dense tl.dot kernel (no
+# per-tile unpacking: for large compute-bound shapes where unpacking in the main loop costs more than
+# the extra memory pass).
+DENSE_I8 = 3
+DENSE_F8 = 4
 
 
 @triton.jit

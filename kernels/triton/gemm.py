@@ -15,7 +15,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DOT_F8, DOT_I8, INTERPRET, POPC, grouped_tile, popcount, store_epilogue, unpack_signs
+from ._common import (
+    DENSE_F8,
+    DOT_F8,
+    DOT_I8,
+    INTERPRET,
+    POPC,
+    grouped_tile,
+    popcount,
+    store_epilogue,
+    unpack_signs,
+)
 
 
 def _cfg(mode: int, bm: int, bn: int, bkw: int, warps: int, stages: int, group: int = 8) -> triton.Config:
@@ -71,11 +81,9 @@ def gemm_configs() -> list[triton.Config]:
 
 def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop fp8 configs on GPUs without fp8 tensor cores (capability < 8.9); the interpreter runs them."""
-    if INTERPRET:
+    if INTERPRET or torch.cuda.get_device_capability() >= (8, 9):
         return configs
-    if torch.cuda.get_device_capability() < (8, 9):
-        return [c for c in configs if c.kwargs["MODE"] != DOT_F8]
-    return configs
+    return [c for c in configs if c.kwargs["MODE"] not in (DOT_F8, DENSE_F8)]
 
 
 @triton.jit
@@ -145,11 +153,12 @@ def autotuned(kernel, configs: list[triton.Config], key: list[str]):
     )
 
 
-def by_mode(configs: list[triton.Config], interpret_configs: dict, kernel, key: list[str]) -> dict:
-    """Autotuned launchers: ``None`` -> all modes compete; ``POPC`` / ``DOT_I8`` / ``DOT_F8`` -> one mode
+def by_mode(configs: list[triton.Config], interpret_configs: dict, kernel, key: list[str],
+            modes: tuple[int, ...] = (POPC, DOT_I8, DOT_F8)) -> dict:
+    """Autotuned launchers: ``None`` -> all ``modes`` compete; one mode -> that mode's configs only
     (for tests and benchmarks that measure the modes separately)."""
     tuned = {None: autotuned(kernel, configs, key)}
-    for mode in (POPC, DOT_I8, DOT_F8):
+    for mode in modes:
         own = [interpret_configs[mode]] if INTERPRET else [c for c in configs if c.kwargs["MODE"] == mode]
         tuned[mode] = autotuned(kernel, own, key)
     return tuned

@@ -3,8 +3,10 @@
 ``triton_sign_pack``, ``triton_packed_linear`` and ``triton_packed_conv2d`` are what the
 ``torch.library`` ops dispatch to for CUDA tensors. Without an epilogue argument and with ``out_dtype``
 None they return the raw int32 accumulator, like the reference. ``mode`` / ``config`` pin one
-inner-product mode or one launch config (tests, benchmarks); by default autotuning picks per shape.
-Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors.
+inner-product mode or one launch config (tests, benchmarks). By default autotuning picks the config and
+in-kernel mode per shape, and for large shapes the two-pass path (``DENSE_*``: unpack to bytes, then a
+dense ``tl.dot`` kernel) is timed against it once per shape and used when faster.
+Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (and the two-pass path only when asked).
 """
 
 from __future__ import annotations
@@ -16,12 +18,21 @@ import triton
 from torch import Tensor
 
 from ..reference import conv_output_size, num_words
-from ._common import DOT_F8, DOT_I8, INTERPRET, POPC
+from ._common import DENSE_F8, DENSE_I8, DOT_F8, DOT_I8, INTERPRET, POPC
 from .conv import packed_conv_kernel, packed_conv_tuned
+from .dense import (
+    dense_conv_kernel,
+    dense_conv_tuned,
+    dense_gemm_kernel,
+    dense_gemm_tuned,
+    unpack_rows_kernel,
+)
 from .gemm import packed_gemm_kernel, packed_gemm_tuned
 from .pack import sign_pack_nchw_kernel, sign_pack_rows_kernel
 
 __all__ = [
+    "DENSE_F8",
+    "DENSE_I8",
     "DOT_F8",
     "DOT_I8",
     "POPC",
@@ -110,11 +121,48 @@ def _launch(tuned: dict, kernel, grid, args: tuple, flags: dict, mode: int | Non
         kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps,
                      num_stages=config.num_stages)
         return
-    if mode not in tuned:
-        raise ValueError(f"mode must be None, POPC (0), DOT_I8 (1) or DOT_F8 (2), got {mode!r}")
-    if mode == DOT_F8 and not INTERPRET and torch.cuda.get_device_capability() < (8, 9):
-        raise ValueError("the fp8 mode needs a GPU with compute capability >= 8.9")
     tuned[mode][grid](*args, **flags)
+
+
+def _check_mode(mode: int | None) -> None:
+    if mode not in (None, POPC, DOT_I8, DOT_F8, DENSE_I8, DENSE_F8):
+        raise ValueError(f"mode must be None, POPC, DOT_I8, DOT_F8, DENSE_I8 or DENSE_F8 (0..4), got {mode!r}"
+                         )
+    if mode in (DOT_F8, DENSE_F8) and not INTERPRET and torch.cuda.get_device_capability() < (8, 9):
+        raise ValueError("the fp8 modes need a GPU with compute capability >= 8.9")
+
+
+def _unpack(bits: Tensor, k: int, mode: int) -> Tensor:
+    """``[R, KW]`` words -> ``[R, KW * 32]`` int8 (``DENSE_I8``) or fp8 e4m3 (``DENSE_F8``, returned as a
+    uint8 view) +-1, 0 past ``k``."""
+    r, kw = bits.shape
+    dtype = torch.float8_e4m3fn if mode == DENSE_F8 else torch.int8
+    out = torch.empty(r, kw * 32, device=bits.device, dtype=dtype)
+    if r:
+        block_r, block_kw = (16, 2) if INTERPRET else (32, 4)
+        grid = (triton.cdiv(r, block_r), triton.cdiv(kw, block_kw))
+        unpack_rows_kernel[grid](bits, out, r, k, kw, MODE=mode, BLOCK_R=block_r, BLOCK_KW=block_kw)
+    return out.view(torch.uint8) if mode == DENSE_F8 else out
+
+
+_PREFER_DENSE: dict[tuple, bool] = {}
+
+
+def _prefer_dense(key: tuple, packed_run, dense_run) -> bool:
+    """Whether the two-pass path beats the in-kernel one for this shape: timed once per ``key`` (after
+    both have autotuned), like Triton's autotuner, and cached."""
+    if key not in _PREFER_DENSE:
+        from triton.testing import do_bench
+
+        _PREFER_DENSE[key] = do_bench(dense_run, rep=25) < do_bench(packed_run, rep=25)
+    return _PREFER_DENSE[key]
+
+
+def _auto_dense_mode() -> int | None:
+    """The two-pass mode that competes when no mode is given (None: not under the interpreter)."""
+    if INTERPRET:
+        return None
+    return DENSE_F8 if torch.cuda.get_device_capability() >= (8, 9) else DENSE_I8
 
 
 def triton_sign_pack(x: Tensor) -> Tensor:
@@ -196,15 +244,31 @@ def triton_packed_linear(
                                                     a.device)
     if m == 0 or n == 0:
         return out
+    _check_mode(mode)
     a, b = a.contiguous(), w_bits.contiguous()
     flags = dict(HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-                 RAW=raw, INTERPRET=INTERPRET)
-    args = (a, b, out, _or(scale, out), _or(bias, out), _or(residual, out), m, n, k, kw)
+                 RAW=raw)
+    epi = (out, _or(scale, out), _or(bias, out), _or(residual, out))
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _launch(packed_gemm_tuned, packed_gemm_kernel, grid, args, flags, mode, config)
+    def packed_run(mode=mode):
+        _launch(packed_gemm_tuned, packed_gemm_kernel, grid, (a, b, *epi, m, n, k, kw),
+                dict(flags, INTERPRET=INTERPRET), mode, config)
+
+    def dense_run(mode=mode):
+        a8, b8 = _unpack(a, k, mode), _unpack(b, k, mode)
+        _launch(dense_gemm_tuned, dense_gemm_kernel, grid, (a8, b8, *epi, m, n, kw * 32), flags, mode, config)
+
+    dense = _auto_dense_mode() if mode is None and config is None and m >= 256 and n >= 256 else None
+    if mode in (DENSE_I8, DENSE_F8) or (config is not None and config.kwargs["MODE"] in (DENSE_I8, DENSE_F8)):
+        dense_run(mode if config is None else config.kwargs["MODE"])
+    elif dense is not None and _prefer_dense(("gemm", m, n, kw, *flags.values()), packed_run,
+                                             lambda: dense_run(dense)):
+        dense_run(dense)
+    else:
+        packed_run()
     return out
 
 
@@ -254,16 +318,35 @@ def triton_packed_conv2d(
                                                     out_dtype, x_bits.device)
     if m == 0 or cout == 0:
         return out
+    _check_mode(mode)
     x, wt = x_bits.contiguous(), w_bits.contiguous()
     flags = dict(PAD_ONE=pad_value == 1, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-                 HAS_RES=residual is not None, RAW=raw, INTERPRET=INTERPRET)
-    args = (x, wt, out, _or(scale, out), _or(bias, out), _or(residual, out), m, cout, in_channels, cw, h, w,
-            ho, wo, kh, kw_, sh, sw, ph, pw, dh, dw)
+                 HAS_RES=residual is not None, RAW=raw)
+    epi = (out, _or(scale, out), _or(bias, out), _or(residual, out))
+    geometry = (h, w, ho, wo, kh, kw_, sh, sw, ph, pw, dh, dw)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
 
-    _launch(packed_conv_tuned, packed_conv_kernel, grid, args, flags, mode, config)
+    def packed_run(mode=mode):
+        args = (x, wt, *epi, m, cout, in_channels, cw, *geometry)
+        _launch(packed_conv_tuned, packed_conv_kernel, grid, args, dict(flags, INTERPRET=INTERPRET), mode,
+                config)
+
+    def dense_run(mode=mode):
+        x8 = _unpack(x.view(-1, cw), in_channels, mode)
+        w8 = _unpack(wt.view(-1, cw), in_channels, mode)
+        _launch(dense_conv_tuned, dense_conv_kernel, grid, (x8, w8, *epi, m, cout, in_channels, cw * 32,
+                                                             *geometry), flags, mode, config)
+
+    dense = _auto_dense_mode() if mode is None and config is None and m >= 1024 and cout >= 64 else None
+    if mode in (DENSE_I8, DENSE_F8) or (config is not None and config.kwargs["MODE"] in (DENSE_I8, DENSE_F8)):
+        dense_run(mode if config is None else config.kwargs["MODE"])
+    elif dense is not None and _prefer_dense(("conv", m, cout, cw, *geometry, *flags.values()), packed_run,
+                                             lambda: dense_run(dense)):
+        dense_run(dense)
+    else:
+        packed_run()
     return out
 
 
