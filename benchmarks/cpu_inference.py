@@ -80,7 +80,11 @@ def float_twin(model: nn.Module) -> nn.Module:
 
 
 def calibrate(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics (a few train-mode batches at low resolution), then eval."""
+    """Non-trivial BatchNorm parameters and statistics (a few train-mode batches at low resolution)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.3, 0.3)
     model.train()
     with torch.no_grad():
         for _ in range(3):

@@ -265,19 +265,21 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         )
     tensors, header = read_packed(path)
     if _module_configs(model):
-        candidates = [model]
+        target, problems = model, _problems(tensors, header, model)
     elif any(isinstance(m, BinaryLayer) for m in model.modules()):
-        candidates = [pack_model(model, fold_batchnorm=fold) for fold in (True, False)]
+        target = pack_model(model)
+        problems = _problems(tensors, header, target)
+        if problems:  # saved without BatchNorm folding?
+            unfolded = pack_model(model, fold_batchnorm=False)
+            if not _problems(tensors, header, unfolded):
+                target, problems = unfolded, []
     else:
         raise ValueError(
             "load_packed needs the model's architecture with binary layers (binarize_model(...)) or a packed "
             "model; the given model has neither."
         )
-    problems = [_problems(tensors, header, c) for c in candidates]
-    best = min(range(len(candidates)), key=lambda i: len(problems[i]))
-    if problems[best]:
-        raise _mismatch(path, problems[best])
-    target = candidates[best]
+    if problems:
+        raise _mismatch(path, problems)
     with torch.no_grad():
         for key, t in target.state_dict(keep_vars=True).items():
             t.copy_(tensors[key])

@@ -10,23 +10,25 @@ folding, with one warning.
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 
+import torch
 from torch import fx, nn
 
 from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear
 from lightning_ovsw.packed import PackedConv2d, PackedLinear
 
 _FOLDABLE = {BinaryConv2d: nn.BatchNorm2d, BinaryLinear: nn.BatchNorm1d}
+_ADDS = (operator.add, operator.iadd, torch.add)
 
 
 class _LeafTracer(fx.Tracer):
-    """Keeps binary layers and BatchNorms as single ``call_module`` nodes."""
+    """Keeps binary and packed layers and BatchNorms as single ``call_module`` nodes."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (BinaryLayer, nn.modules.batchnorm._BatchNorm)) or super().is_leaf_module(
-            m, module_qualified_name
-        )
+        leaves = (BinaryLayer, PackedConv2d, PackedLinear, nn.modules.batchnorm._BatchNorm)
+        return isinstance(m, leaves) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _foldable_pairs(model: nn.Module) -> dict[str, str]:
@@ -61,18 +63,54 @@ def _foldable_pairs(model: nn.Module) -> dict[str, str]:
     return pairs
 
 
+def _fuse_residual_adds(model: nn.Module) -> nn.Module:
+    """Move ``packed_conv(x) + r`` into the conv's epilogue (design §3: fuse the residual add).
+
+    Applies where the conv's output (through ``nn.Identity`` left by folding) feeds only the add; returns
+    a ``GraphModule`` with the same submodules, or ``model`` itself when there is nothing to fuse.
+    """
+    graph = _LeafTracer().trace(model)
+    modules = dict(model.named_modules())
+    for node in list(graph.nodes):  # drop the Identity calls (folded BatchNorms)
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Identity):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    fused = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _ADDS or len(node.args) != 2 or node.kwargs:
+            continue
+        for conv, other in (node.args, node.args[::-1]):
+            if (
+                isinstance(conv, fx.Node) and isinstance(other, fx.Node) and conv.op == "call_module"
+                and isinstance(modules[conv.target], PackedConv2d) and len(conv.users) == 1
+                and len(conv.args) == 1 and not conv.kwargs
+            ):
+                with graph.inserting_before(node):
+                    call = graph.call_module(conv.target, conv.args, {"residual": other})
+                node.replace_all_uses_with(call)
+                graph.erase_node(node)
+                graph.erase_node(conv)
+                fused += 1
+                break
+    return fx.GraphModule(model, graph, class_name=type(model).__name__) if fused else model
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
-def pack_model(model: nn.Module, *, fold_batchnorm: bool = True, inplace: bool = False) -> nn.Module:
+def pack_model(
+    model: nn.Module, *, fold_batchnorm: bool = True, fuse_residual: bool = True, inplace: bool = False
+) -> nn.Module:
     """Replace every binary layer of ``model`` by its packed inference module; return it in eval mode.
 
     Args:
         model: a model holding ``BinaryConv2d`` / ``BinaryLinear`` layers (e.g. from ``binarize_model``).
         fold_batchnorm: fold a BatchNorm that alone consumes a binary layer's output into the packed
             layer's per-channel constants (its running statistics, i.e. eval-mode semantics).
+        fuse_residual: when the model traces, add residuals inside the packed conv's epilogue; the
+            result is then a ``torch.fx.GraphModule`` (same submodules and state, ``forward`` only).
         inplace: modify ``model`` itself instead of a deep copy.
 
     The result equals ``model.eval()`` up to the rounding of the float epilogue: the integer
@@ -94,13 +132,16 @@ def pack_model(model: nn.Module, *, fold_batchnorm: bool = True, inplace: bool =
     if isinstance(model, BinaryLinear):
         return PackedLinear.from_binary(model)
     pairs: dict[str, str] = {}
-    if fold_batchnorm:
+    traceable = True
+    if fold_batchnorm or fuse_residual:
         try:
-            pairs = _foldable_pairs(model)
+            pairs = _foldable_pairs(model) if fold_batchnorm else {}
         except Exception as err:  # fx cannot trace data-dependent control flow and the like
+            traceable = False
             warnings.warn(
                 f"pack_model: the model does not trace with torch.fx ({type(err).__name__}: {err}); "
-                "BatchNorm layers are not folded (the packed model is still exact, only less fused).",
+                "BatchNorm layers are not folded nor residual adds fused (the packed model is still "
+                "exact, only slower).",
                 stacklevel=2,
             )
     modules = dict(model.named_modules())
@@ -116,4 +157,4 @@ def pack_model(model: nn.Module, *, fold_batchnorm: bool = True, inplace: bool =
         _set_submodule(model, name, packed)
         if bn is not None:
             _set_submodule(model, pairs[name], nn.Identity())
-    return model
+    return _fuse_residual_adds(model) if fuse_residual and traceable else model

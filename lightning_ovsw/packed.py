@@ -17,15 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_ovsw.kernels.reference import num_words
+import lightning_ovsw.kernels.ops  # noqa: F401  (registers torch.ops.ovsw)
+from lightning_ovsw.kernels.reference import conv_output_size, num_words
 from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear
 
-try:  # TODO(switch when kernels/ops.py lands)
-    import lightning_ovsw.kernels.ops  # noqa: F401  (registers torch.ops.ovsw)
-
-    _OPS = torch.ops.ovsw
-except ImportError:
-    from lightning_ovsw.kernels import reference as _OPS
+_OPS = torch.ops.ovsw
 
 
 def _folded_constants(
@@ -125,18 +121,27 @@ class PackedConv2d(nn.Module):
         self.weight_bits = self.weight_bits.contiguous()
         return self
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``y`` (NCHW shape, channels_last memory), plus ``residual`` if given (fused into the epilogue
+        when it has ``y``'s shape and dtype, else added afterwards with broadcasting)."""
         _check_float(x, type(self).__name__)
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__} expects input [N, {self.in_channels}, H, W], got {tuple(x.shape)}."
             )
-        bits = _OPS.sign_pack(x.permute(0, 2, 3, 1).contiguous())
+        out_shape = (
+            x.shape[0], self.out_channels,
+            *(conv_output_size(x.shape[2 + i], self.kernel_size[i], self.stride[i], self.padding[i],
+                               self.dilation[i]) for i in range(2)),
+        )
+        fuse = residual is not None and tuple(residual.shape) == out_shape and residual.dtype == x.dtype
+        nhwc_residual = residual.permute(0, 2, 3, 1).contiguous() if fuse else None
+        bits = _OPS.sign_pack_nchw(x)  # NCHW (any memory format) -> packed NHWC words, one pass
         out = _OPS.packed_conv2d(
             bits, self.weight_bits, self.in_channels, self.stride, self.padding, self.dilation,
-            self.pad_value, self.scale, self.bias, None, x.dtype,
-        )
-        return out.permute(0, 3, 1, 2)
+            self.pad_value, self.scale, self.bias, nhwc_residual, x.dtype,
+        ).permute(0, 3, 1, 2)
+        return out + residual if residual is not None and not fuse else out
 
     def extra_repr(self) -> str:
         return (

@@ -158,3 +158,15 @@ def test_save_rejects_unpacked_models(tmp_path, trained):
         save_packed(trained[0], tmp_path / "m.ovsw")
     with pytest.raises(ValueError, match="JSON"):
         save_packed(trained[1], tmp_path / "m.ovsw", metadata={"x": object()})
+
+
+def test_round_trip_of_a_fused_zoo_model(tmp_path):
+    from lightning_ovsw.models import resnet20_1w1a
+
+    x = torch.randn(2, 3, 16, 16)
+    packed = pack_model(with_bn_statistics(resnet20_1w1a(), x))
+    assert isinstance(packed, torch.fx.GraphModule)
+    save_packed(packed, tmp_path / "r20.ovsw")
+    loaded = load_packed(tmp_path / "r20.ovsw", resnet20_1w1a())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), packed(x))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import pytest
@@ -221,3 +222,40 @@ def test_zoo_models_match_float_model(name, size):
     assert n_binary > 0
     assert sum(isinstance(m, (PackedConv2d, PackedLinear)) for m in packed.modules()) == n_binary
     assert_matches(model, packed, x)
+
+
+def _residual_calls(packed: nn.Module) -> int:
+    return sum("residual" in n.kwargs for n in packed.graph.nodes if n.op == "call_module")
+
+
+def test_residual_adds_are_fused_into_the_packed_convs():
+    x = torch.randn(2, 3, 32, 32)
+    model = with_bn_statistics(MODELS["resnet18_1w1a"](num_classes=10), x)
+    packed = pack_model(model)
+    assert isinstance(packed, torch.fx.GraphModule) and _residual_calls(packed) == 16  # every binary conv
+    assert not any(n.target in (operator.add, operator.iadd) for n in packed.graph.nodes)
+    assert_matches(model, packed, x)
+    unfused = pack_model(model, fuse_residual=False)
+    assert not isinstance(unfused, torch.fx.GraphModule)
+    assert unfused.state_dict().keys() == packed.state_dict().keys()
+    tv = with_bn_statistics(binarize(torchvision.models.resnet18(num_classes=10)), x)
+    assert _residual_calls(pack_model(tv)) == 8  # `out += identity` after each block's conv2 (+ folded bn2)
+
+
+class BroadcastResidual(nn.Module):
+    """``conv(x) + offset`` with a per-channel offset: not the output's shape, so added after the op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = BinaryConv2d(6, 5, 3)
+        self.offset = nn.Parameter(torch.randn(5, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.offset
+
+
+def test_residual_that_broadcasts_is_added_after_the_op():
+    model, x = BroadcastResidual().eval(), torch.randn(2, 6, 7, 7)
+    packed = pack_model(model)
+    assert _residual_calls(packed) == 1
+    assert_matches(model, packed, x, rel=1e-5)
