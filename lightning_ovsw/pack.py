@@ -2,9 +2,10 @@
 
 Every binary layer becomes a ``PackedConv2d`` / ``PackedLinear``. A BatchNorm that consumes a binary
 layer's output, and is the only consumer of it, is folded into the packed layer's per-channel
-``scale`` / ``bias`` and replaced by ``nn.Identity``. The pattern is found on a ``torch.fx`` trace of the
-model (binary layers and BatchNorms kept as leaves); a model that does not trace is packed without
-folding, with one warning.
+``scale`` / ``bias`` and replaced by ``nn.Identity`` (a BatchNorm after a full-precision conv is folded
+into that conv). Residual adds ``packed_conv(x) + r`` move into the conv's epilogue. Both patterns are
+found on a ``torch.fx`` trace of the model (binary layers and BatchNorms kept as leaves); a model that
+does not trace is packed without either, with one warning.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import warnings
 
 import torch
 from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear
 from lightning_ovsw.packed import PackedConv2d, PackedLinear
 
-_FOLDABLE = {BinaryConv2d: nn.BatchNorm2d, BinaryLinear: nn.BatchNorm1d}
+_FOLDABLE = {BinaryConv2d: nn.BatchNorm2d, BinaryLinear: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}
 _ADDS = (operator.add, operator.iadd, torch.add)
 
 
@@ -32,7 +34,8 @@ class _LeafTracer(fx.Tracer):
 
 
 def _foldable_pairs(model: nn.Module) -> dict[str, str]:
-    """``{binary layer name: BatchNorm name}`` for each BN that alone consumes a binary layer's output.
+    """``{layer name: BatchNorm name}`` for each BN that alone consumes a binary layer's (or a plain
+    ``nn.Conv2d``'s) output.
 
     Both modules must be called exactly once in the traced graph, and the BN must have running stats.
     """
@@ -44,7 +47,7 @@ def _foldable_pairs(model: nn.Module) -> dict[str, str]:
     modules = dict(model.named_modules())
     pairs: dict[str, str] = {}
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], BinaryLayer):
+        if node.op != "call_module" or type(modules[node.target]) not in _FOLDABLE:
             continue
         users = list(node.users)
         if len(users) != 1 or users[0].op != "call_module" or len(users[0].args) != 1 or users[0].kwargs:
@@ -108,7 +111,8 @@ def pack_model(
     Args:
         model: a model holding ``BinaryConv2d`` / ``BinaryLinear`` layers (e.g. from ``binarize_model``).
         fold_batchnorm: fold a BatchNorm that alone consumes a binary layer's output into the packed
-            layer's per-channel constants (its running statistics, i.e. eval-mode semantics).
+            layer's per-channel constants (its running statistics, i.e. eval-mode semantics); one that
+            follows a full-precision ``nn.Conv2d`` is folded into that conv's weight and bias.
         fuse_residual: when the model traces, add residuals inside the packed conv's epilogue; the
             result is then a ``torch.fx.GraphModule`` (same submodules and state, ``forward`` only).
         inplace: modify ``model`` itself instead of a deep copy.
@@ -156,5 +160,8 @@ def pack_model(
             raise TypeError(f"pack_model does not know how to pack {type(layer).__name__} at {name!r}.")
         _set_submodule(model, name, packed)
         if bn is not None:
-            _set_submodule(model, pairs[name], nn.Identity())
+            _set_submodule(model, pairs.pop(name), nn.Identity())
+    for name, bn_name in pairs.items():  # the rest: full-precision convs, folded as torch does
+        _set_submodule(model, name, fuse_conv_bn_eval(modules[name], modules[bn_name]))
+        _set_submodule(model, bn_name, nn.Identity())
     return _fuse_residual_adds(model) if fuse_residual and traceable else model
