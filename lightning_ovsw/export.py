@@ -45,7 +45,11 @@ def export_packed(
     if not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a Tensor, got {type(example_input).__name__}.")
     model = model.eval()
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    dynamic_shapes = None
+    if dynamic_batch:
+        dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},)
+        if example_input.shape[0] == 1:  # torch.export specializes size-1 dims: trace with a batch of 2
+            example_input = torch.cat([example_input, example_input])
     with torch.no_grad():
         program = torch.export.export(model, (example_input,), dynamic_shapes=dynamic_shapes)
     torch.export.save(program, path)

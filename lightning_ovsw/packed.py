@@ -129,12 +129,11 @@ class PackedConv2d(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} expects input [N, {self.in_channels}, H, W], got {tuple(x.shape)}."
             )
-        out_shape = (
+        fuse = residual is not None and residual.dtype == x.dtype and tuple(residual.shape) == (
             x.shape[0], self.out_channels,
             *(conv_output_size(x.shape[2 + i], self.kernel_size[i], self.stride[i], self.padding[i],
                                self.dilation[i]) for i in range(2)),
         )
-        fuse = residual is not None and tuple(residual.shape) == out_shape and residual.dtype == x.dtype
         nhwc_residual = residual.permute(0, 2, 3, 1).contiguous() if fuse else None
         bits = _OPS.sign_pack_nchw(x)  # NCHW (any memory format) -> packed NHWC words, one pass
         out = _OPS.packed_conv2d(
