@@ -1,0 +1,244 @@
+"""The ``ovsw`` ops on CPU: each C++ microkernel family (forced in turn) against ``kernels/reference.py``.
+
+Integer accumulators must be identical; the float epilogue too (the kernels round each step like the
+reference: no FMA contraction). Also: 1 and 2 threads, fake kernels (``opcheck``, ``torch.export``),
+the ISA override, the reference fallback when the extension is missing, and the input errors.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from lightning_ovsw.kernels import cpu, ops
+from lightning_ovsw.kernels import reference as ref
+
+# the ``isa`` fixture's choice holds for all examples of a test, as intended
+HYP = settings(max_examples=80, deadline=None, derandomize=True,
+               suppress_health_check=[HealthCheck.function_scoped_fixture])
+RAGGED_K = [1, 31, 32, 33, 63, 64, 65, 200, 577]
+ISAS = ["avx512", "avx2", "neon", "portable"]
+
+
+@pytest.fixture(scope="module")
+def extension():
+    if cpu.load_extension() is None:
+        pytest.skip(f"the C++ CPU kernels did not build here: {cpu.build_error()}")
+    return cpu
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, extension):
+    if request.param not in extension.available_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    extension.set_isa(request.param)
+    yield request.param
+    extension.set_isa(None)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def signs(*shape: int) -> torch.Tensor:
+    """Random floats with exact zeros, -0.0 and tiny values, where the sign convention matters."""
+    x = torch.randn(*shape)
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, float("inf"), -float("inf")])
+    mask = torch.rand(*shape) < 0.1
+    return torch.where(mask, special[torch.randint(0, 6, shape)], x)
+
+
+def epilogue_args(draw_or_flags, n: int, out_shape: tuple[int, ...]):
+    has_scale, has_bias, has_res, out_dtype = draw_or_flags
+    scale = torch.rand(n) + 0.5 if has_scale else None
+    bias = torch.randn(n) if has_bias else None
+    residual = torch.randn(out_shape) if has_res else None
+    return scale, bias, residual, out_dtype
+
+
+EPILOGUES = st.tuples(st.booleans(), st.booleans(), st.booleans(),
+                      st.sampled_from([None, torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got, want), f"max abs difference {(got.double() - want.double()).abs().max()}"
+
+
+# ------------------------------------------------------------------------------------------ sign_pack
+@pytest.mark.parametrize("k", RAGGED_K)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_sign_pack_rows(isa, k, dtype):
+    x = signs(3, 5, k).to(dtype)
+    assert_same(ops.sign_pack(x), ref.sign_pack(x))
+
+
+@pytest.mark.parametrize("c", [1, 31, 32, 33, 70])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sign_pack_nchw(isa, threads, c, channels_last):
+    x = signs(2, c, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert_same(ops.sign_pack_nchw(x), ref.sign_pack(x.permute(0, 2, 3, 1)))
+
+
+# ---------------------------------------------------------------------------------------- packed_linear
+@HYP
+@given(m=st.integers(1, 40), n=st.integers(1, 80),
+       k=st.one_of(st.sampled_from(RAGGED_K), st.integers(1, 1200)), epi=EPILOGUES, lead=st.booleans())
+def test_packed_linear_matches_reference(isa, m, n, k, epi, lead):
+    x_bits, w_bits = ref.sign_pack(signs(m, k)), ref.sign_pack(signs(n, k))
+    if lead:  # leading dims [2, m/2...] are flattened like the reference's matmul
+        x_bits = torch.cat([x_bits, x_bits.flip(0)]).reshape(2, m, -1)
+    scale, bias, residual, out_dtype = epilogue_args(epi, n, (*x_bits.shape[:-1], n))
+    got = ops.packed_linear(x_bits, w_bits, k, scale, bias, residual, out_dtype)
+    assert_same(got, ref.packed_linear(x_bits, w_bits, k, scale, bias, residual, out_dtype))
+
+
+def test_packed_linear_threads(isa, threads):
+    """Many output tiles (rows and channels past the block sizes) split over the threads."""
+    k = 577
+    x_bits, w_bits = ref.sign_pack(signs(101, k)), ref.sign_pack(signs(150, k))
+    scale, bias, residual = torch.rand(150), torch.randn(150), torch.randn(101, 150)
+    assert_same(ops.packed_linear(x_bits, w_bits, k), ref.packed_linear(x_bits, w_bits, k))
+    assert_same(ops.packed_linear(x_bits, w_bits, k, scale, bias, residual, torch.bfloat16),
+                ref.packed_linear(x_bits, w_bits, k, scale, bias, residual, torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------- packed_conv2d
+@HYP
+@given(batch=st.integers(1, 2), c=st.sampled_from([1, 3, 31, 32, 33, 64, 65, 100]), cout=st.integers(1, 40),
+       h=st.integers(1, 11), w=st.integers(1, 11),
+       kernel=st.sampled_from([(1, 1), (3, 3), (1, 3), (2, 2), (5, 5)]),
+       stride=st.sampled_from([1, 2]), padding=st.sampled_from([0, 1, 2]), dilation=st.sampled_from([1, 2]),
+       pad_value=st.sampled_from([0, 1]), epi=EPILOGUES)
+def test_packed_conv2d_matches_reference(isa, batch, c, cout, h, w, kernel, stride, padding, dilation,
+                                         pad_value, epi):
+    kh, kw = kernel
+    ho = ref.conv_output_size(h, kh, stride, padding, dilation)
+    wo = ref.conv_output_size(w, kw, stride, padding, dilation)
+    assume(ho >= 1 and wo >= 1)
+    x_bits, w_bits = ref.sign_pack(signs(batch, h, w, c)), ref.sign_pack(signs(cout, kh, kw, c))
+    scale, bias, residual, out_dtype = epilogue_args(epi, cout, (batch, ho, wo, cout))
+    args = ((stride, stride), (padding, padding), (dilation, dilation), pad_value, scale, bias, residual,
+            out_dtype)
+    assert_same(ops.packed_conv2d(x_bits, w_bits, c, *args), ref.packed_conv2d(x_bits, w_bits, c, *args))
+
+
+@pytest.mark.parametrize("pad_value", [0, 1])
+@pytest.mark.parametrize(("stride", "padding", "dilation"),
+                         [((1, 2), (2, 1), (1, 1)), ((2, 1), (1, 2), (2, 1))])
+def test_packed_conv2d_asymmetric_geometry(isa, pad_value, stride, padding, dilation):
+    x_bits, w_bits = ref.sign_pack(signs(2, 9, 10, 45)), ref.sign_pack(signs(7, 3, 3, 45))
+    args = (stride, padding, dilation, pad_value)
+    assert_same(ops.packed_conv2d(x_bits, w_bits, 45, *args), ref.packed_conv2d(x_bits, w_bits, 45, *args))
+
+
+@pytest.mark.parametrize("pad_value", [0, 1])
+def test_packed_conv2d_resnet_shape_threads(isa, threads, pad_value):
+    """A ResNet-18 stage-2 conv (many row tiles, two channel tiles), with the full epilogue."""
+    x_bits, w_bits = ref.sign_pack(signs(1, 28, 28, 128)), ref.sign_pack(signs(128, 3, 3, 128))
+    scale, bias, residual = torch.rand(128), torch.randn(128), torch.randn(1, 28, 28, 128)
+    args = ((1, 1), (1, 1), (1, 1), pad_value, scale, bias, residual, torch.float32)
+    assert_same(ops.packed_conv2d(x_bits, w_bits, 128, *args), ref.packed_conv2d(x_bits, w_bits, 128, *args))
+
+
+# ------------------------------------------------------------------------------------ tracing and dispatch
+def test_opcheck_fake_kernels(extension):
+    x_bits, w_bits = ref.sign_pack(signs(6, 70)), ref.sign_pack(signs(9, 70))
+    cx, cw = ref.sign_pack(signs(1, 6, 6, 40)), ref.sign_pack(signs(5, 3, 3, 40))
+    cases = [
+        (torch.ops.ovsw.sign_pack.default, (signs(4, 70),)),
+        (torch.ops.ovsw.sign_pack_nchw.default, (signs(2, 40, 3, 3),)),
+        (torch.ops.ovsw.packed_linear.default, (x_bits, w_bits, 70)),
+        (torch.ops.ovsw.packed_linear.default, (x_bits, w_bits, 70, torch.rand(9), torch.randn(9), None,
+                                                torch.bfloat16)),
+        (torch.ops.ovsw.packed_conv2d.default, (cx, cw, 40, [2, 1], [1, 1], [1, 1], 0, torch.rand(5), None,
+                                                torch.randn(1, 3, 6, 5), torch.float32)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_export_traces_and_runs_the_ops(extension):
+    w_bits, scale, fc_bits = ref.sign_pack(signs(8, 3, 3, 40)), torch.rand(8), ref.sign_pack(signs(3, 288))
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            bits = torch.ops.ovsw.sign_pack_nchw(x)
+            y = torch.ops.ovsw.packed_conv2d(bits, w_bits, 40, [1, 1], [1, 1], [1, 1], 0, scale, None, None,
+                                             torch.float32)
+            return torch.ops.ovsw.packed_linear(ops.sign_pack(y.flatten(1)), fc_bits, 288)
+
+    x = signs(2, 40, 6, 6)
+    program = torch.export.export(Net(), (x,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    expected = {"ovsw.sign_pack_nchw.default", "ovsw.packed_conv2d.default", "ovsw.packed_linear.default"}
+    assert expected <= targets
+    assert_same(program.module()(x), Net()(x))
+
+
+def test_reference_fallback_warns_once(monkeypatch):
+    monkeypatch.setattr(cpu, "_STATE", {"tried": True, "ext": None, "error": "OSError: no compiler"})
+    monkeypatch.setattr(ops, "_WARNED", set())
+    x_bits, w_bits = ref.sign_pack(signs(4, 40)), ref.sign_pack(signs(3, 40))
+    with pytest.warns(RuntimeWarning, match="slow PyTorch reference path.*|no compiler"):
+        got = ops.packed_linear(x_bits, w_bits, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.packed_linear(x_bits, w_bits, 40)  # once only
+    assert_same(got, ref.packed_linear(x_bits, w_bits, 40))
+
+
+def test_isa_environment_variable(extension):
+    code = "from lightning_ovsw.kernels import cpu; print(cpu.get_isa())"
+    env = dict(os.environ, LIGHTNING_OVSW_CPU_ISA="portable")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "portable"
+    with pytest.raises(ValueError, match="unknown ISA"):
+        extension.set_isa("sse9")
+
+
+# ------------------------------------------------------------------------------------------------- errors
+def test_clear_errors():
+    x_bits, w_bits = ref.sign_pack(signs(4, 40)), ref.sign_pack(signs(3, 40))
+    with pytest.raises(TypeError, match="int32"):
+        ops.packed_linear(x_bits.float(), w_bits, 40)
+    with pytest.raises(ValueError, match="words per row"):
+        ops.packed_linear(x_bits, w_bits, 70)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        ops.packed_linear(x_bits, w_bits, 0)
+    with pytest.raises(ValueError, match="one value per output channel"):
+        ops.packed_linear(x_bits, w_bits, 40, torch.ones(4))
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        ops.packed_linear(x_bits, w_bits, 40, None, None, torch.ones(3, 4))
+    with pytest.raises(ValueError, match="one device"):
+        ops.packed_linear(x_bits, w_bits, 40, torch.ones(3, device="meta"))
+    with pytest.raises(ValueError, match="out_dtype"):
+        ops.packed_linear(x_bits, w_bits, 40, None, None, None, torch.int8)
+    with pytest.raises(TypeError, match="floating point"):
+        ops.sign_pack(torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="NCHW"):
+        ops.sign_pack_nchw(torch.ones(3, 4))
+    cx, cw = ref.sign_pack(signs(1, 5, 5, 40)), ref.sign_pack(signs(2, 3, 3, 40))
+    with pytest.raises(ValueError, match="words per pixel"):
+        ops.packed_conv2d(cx, cw, 70)
+    with pytest.raises(ValueError, match="pad_value"):
+        ops.packed_conv2d(cx, cw, 40, pad_value=2)
+    with pytest.raises(ValueError, match="stride"):
+        ops.packed_conv2d(cx, cw, 40, stride=(0, 1))
+    with pytest.raises(ValueError, match="does not fit"):
+        ops.packed_conv2d(cx, ref.sign_pack(signs(2, 7, 7, 40)), 40)
+    with pytest.raises(ValueError, match="4 dims"):
+        ops.packed_conv2d(cx[0], cw, 40)
