@@ -261,3 +261,11 @@ def test_residual_that_broadcasts_is_added_after_the_op():
     packed = pack_model(model)
     assert _residual_calls(packed) == 1
     assert_matches(model, packed, x, rel=1e-5)
+
+
+def test_string_padding_is_packed_or_refused():
+    same = BinaryConv2d(9, 4, 3, padding="same", dilation=2, pad_value=1).eval()
+    x = torch.randn(2, 9, 8, 8)
+    assert_matches(same, pack_model(same), x, rel=1e-5)
+    with pytest.raises(ValueError, match="asymmetric"):
+        pack_model(BinaryConv2d(9, 4, 4, padding="same"))
