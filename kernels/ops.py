@@ -10,8 +10,9 @@ Importing this module registers, through ``torch.library``:
 
 each with a fake (meta) kernel, so ``torch.compile`` and ``torch.export`` trace them and an exported
 program runs in any process that imports ``lightning_ovsw.kernels.ops``. Dispatch: CPU tensors run the C++
-popcount kernels (``kernels/cpu``, built on first use), or the reference when the extension could not be
-built (with one warning that says why); CUDA tensors run the Triton kernels
+popcount kernels (``kernels/cpu``, built on first use by a Python CPU kernel that then gives way to the
+C++ ones, registered with ``TORCH_LIBRARY_IMPL``), or the reference when the extension could not be built
+(with one warning that says why); CUDA tensors run the Triton kernels
 (``lightning_ovsw.kernels.triton.ops``), or the reference if Triton cannot be imported; other devices run
 the reference. Without ``scale``, ``bias``, ``residual`` and ``out_dtype`` the ops return the raw int32
 accumulator ``dot(sign(x), sign(w))``; otherwise ``acc * scale + bias + residual`` (float32) in
@@ -27,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import reference
+from . import cpu, reference
 from .reference import conv_output_size, num_words
 
 __all__ = ["packed_conv2d", "packed_linear", "sign_pack", "sign_pack_nchw"]
@@ -179,17 +180,6 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _cpu_backend():
-    """The C++ kernels (``kernels/cpu``), or None (warned once) when they are not available."""
-    from . import cpu
-
-    ext = cpu.load_extension()
-    if ext is None:
-        _warn_once("cpu", f"lightning_ovsw: the C++ CPU kernels are not available ({cpu.build_error()}); "
-                          "the ovsw ops run on the slow PyTorch reference path.")
-    return ext
-
-
 def _triton_backend():
     """``lightning_ovsw.kernels.triton.ops``, or None (warned once) when it cannot be imported."""
     try:
@@ -206,33 +196,53 @@ def _sign_pack_nchw_reference(x: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------- impls
-def _impl(name: str, reference_fn: Callable, cpu_fn: Callable, cuda_fn: Callable, check: Callable) -> None:
-    """Register CPU, CUDA and fallback (any other device) kernels of ``ovsw::name``."""
+def _full_args(reference_fn: Callable, check: Callable, args: tuple, kwargs: dict) -> tuple:
+    """All arguments, defaults included (the dispatcher drops trailing defaults), validated."""
+    bound = inspect.signature(reference_fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    check(*bound.args)
+    return bound.args
 
-    signature = inspect.signature(reference_fn)
 
-    def full(args, kwargs) -> tuple:  # the dispatcher drops trailing defaults; put them back
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        check(*bound.args)
-        return bound.args
+def _cpu_kernel(name: str, reference_fn: Callable, check: Callable) -> Callable:
+    """Python CPU kernel of ``ovsw::name``: loads the C++ kernels on first use (they then replace this one
+    in the dispatcher), or runs the reference when they cannot be built (warned once)."""
 
-    def cpu_kernel(*args, **kwargs):
-        args = full(args, kwargs)
-        ext = _cpu_backend()
-        return reference_fn(*args) if ext is None else cpu_fn(ext, *args)
+    def kernel(*args, **kwargs):
+        if cpu.load_extension() is not None:
+            return getattr(torch.ops.ovsw, name)(*args, **kwargs)  # dispatches to the C++ kernel now
+        _warn_once("cpu", f"lightning_ovsw: the C++ CPU kernels are not available ({cpu.build_error()}); "
+                          "the ovsw ops run on the slow PyTorch reference path.")
+        return reference_fn(*_full_args(reference_fn, check, args, kwargs))
+
+    return kernel
+
+
+def _impl(name: str, reference_fn: Callable, cuda_fn: Callable, check: Callable) -> None:
+    """Register the CUDA (Triton) and fallback (reference, any other device) kernels."""
 
     def cuda_kernel(*args, **kwargs):
-        args = full(args, kwargs)
+        args = _full_args(reference_fn, check, args, kwargs)
         tri = _triton_backend()
         return reference_fn(*args) if tri is None else cuda_fn(tri, *args)
 
     def other_kernel(*args, **kwargs):
-        return reference_fn(*full(args, kwargs))
+        return reference_fn(*_full_args(reference_fn, check, args, kwargs))
 
-    _LIB.impl(name, cpu_kernel, "CPU")
     _LIB.impl(name, cuda_kernel, "CUDA")
     _LIB.impl(name, other_kernel, "CompositeExplicitAutograd")
+
+
+def _register_python_cpu_kernels() -> None:
+    global _CPU_LIB
+    _CPU_LIB = torch.library.Library("ovsw", "IMPL")
+    for name, (reference_fn, _, check) in _IMPLS.items():
+        _CPU_LIB.impl(name, _cpu_kernel(name, reference_fn, check), "CPU")
+
+
+def _drop_python_cpu_kernels() -> None:
+    """Before the C++ library loads and registers its CPU kernels: remove the Python ones."""
+    _CPU_LIB._destroy()
 
 
 def _conv_reference(x_bits, w_bits, in_channels, stride=(1, 1), padding=(0, 0), dilation=(1, 1), pad_value=0,
@@ -241,15 +251,20 @@ def _conv_reference(x_bits, w_bits, in_channels, stride=(1, 1), padding=(0, 0), 
                                    tuple(dilation), pad_value, scale, bias, residual, out_dtype)
 
 
-_impl("sign_pack", reference.sign_pack, lambda ext, x: ext.sign_pack(x),
-      lambda tri, x: tri.triton_sign_pack(x), _check_sign_pack)
-_impl("sign_pack_nchw", _sign_pack_nchw_reference, lambda ext, x: ext.sign_pack_nchw(x),
-      lambda tri, x: tri.triton_sign_pack_nchw(x), _check_sign_pack_nchw)
-_impl("packed_linear", reference.packed_linear, lambda ext, *a: ext.packed_linear(*a),
-      lambda tri, *a: tri.triton_packed_linear(*a), _linear_shape)
-_impl("packed_conv2d", _conv_reference, lambda ext, *a: ext.packed_conv2d(*a),
-      lambda tri, x, w, c, s, p, d, *a: tri.triton_packed_conv2d(x, w, c, tuple(s), tuple(p), tuple(d), *a),
-      _conv_shape)
+_IMPLS = {
+    "sign_pack": (reference.sign_pack, lambda tri, x: tri.triton_sign_pack(x), _check_sign_pack),
+    "sign_pack_nchw": (_sign_pack_nchw_reference, lambda tri, x: tri.triton_sign_pack_nchw(x),
+                       _check_sign_pack_nchw),
+    "packed_linear": (reference.packed_linear, lambda tri, *a: tri.triton_packed_linear(*a), _linear_shape),
+    "packed_conv2d": (_conv_reference, lambda tri, x, w, c, s, p, d, *a: tri.triton_packed_conv2d(
+        x, w, c, tuple(s), tuple(p), tuple(d), *a), _conv_shape),
+}
+for _name, (_reference_fn, _cuda_fn, _check) in _IMPLS.items():
+    _impl(_name, _reference_fn, _cuda_fn, _check)
+_CPU_LIB: torch.library.Library
+_register_python_cpu_kernels()
+cpu.BEFORE_LOAD.append(_drop_python_cpu_kernels)
+cpu.AFTER_FAILED_LOAD.append(_register_python_cpu_kernels)
 
 
 # ------------------------------------------------------------------------------------------ fakes

@@ -10,11 +10,12 @@ chosen at run time from the CPU's features, or forced with ``LIGHTNING_OVSW_CPU_
 from __future__ import annotations
 
 import os
+import sysconfig
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 __all__ = ["available_isas", "build_error", "get_isa", "load_extension", "set_isa"]
 
@@ -22,6 +23,10 @@ _SOURCE = Path(__file__).with_name("ovsw_cpu.cpp")
 _ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "neon": 3}
 _LOCK = threading.Lock()
 _STATE: dict = {"tried": False, "ext": None, "error": None}
+# Called once before the library loads, and after a failed build: ``kernels/ops.py`` drops its Python CPU
+# loader kernels so that the C++ registration does not override live ones, and restores them on failure.
+BEFORE_LOAD: list[Callable[[], None]] = []
+AFTER_FAILED_LOAD: list[Callable[[], None]] = []
 
 
 def _build_dir() -> Path:
@@ -33,80 +38,37 @@ def _build_dir() -> Path:
     return path
 
 
-class _Kernels:
-    """Thin adapter from the ``ovsw`` op arguments to the ``ovsw_cpu`` C++ ops (float32/int32 buffers)."""
-
-    def __init__(self) -> None:
-        self._ops = torch.ops.ovsw_cpu
-
-    def sign_pack(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float64:  # float32 rounding could turn a tiny negative into -0.0 (= +1)
-            from ..reference import sign_pack
-            return sign_pack(x)
-        k = x.shape[-1]
-        rows = x.reshape(-1, k).to(torch.float32).contiguous()
-        return self._ops.sign_pack(rows).reshape(*x.shape[:-1], -1)
-
-    def sign_pack_nchw(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float64:
-            from ..reference import sign_pack
-            return sign_pack(x.permute(0, 2, 3, 1))
-        if x.is_contiguous(memory_format=torch.channels_last):
-            return self.sign_pack(x.permute(0, 2, 3, 1))
-        return self._ops.sign_pack_nchw(x.to(torch.float32).contiguous())
-
-    @staticmethod
-    def _epilogue(scale, bias, residual, out_dtype):
-        raw = scale is None and bias is None and residual is None and out_dtype is None
-        native = out_dtype if out_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-
-        def f32(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.reshape(-1).to(torch.float32).contiguous()
-
-        if residual is not None and residual.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            residual = residual.to(torch.float32)
-        residual = None if residual is None else residual.contiguous()
-        return raw, native, f32(scale), f32(bias), residual
-
-    def packed_linear(self, x_bits, w_bits, k, scale, bias, residual, out_dtype):
-        raw, native, scale, bias, residual = self._epilogue(scale, bias, residual, out_dtype)
-        lead = x_bits.shape[:-1]
-        a = x_bits.reshape(-1, x_bits.shape[-1]).contiguous()
-        res = None if residual is None else residual.reshape(a.shape[0], -1)
-        out = self._ops.packed_linear(a, w_bits.contiguous(), k, scale, bias, res, raw, native)
-        out = out.reshape(*lead, w_bits.shape[0])
-        return out if raw or out_dtype in (None, native) else out.to(out_dtype)
-
-    def packed_conv2d(self, x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias,
-                      residual, out_dtype):
-        raw, native, scale, bias, residual = self._epilogue(scale, bias, residual, out_dtype)
-        out = self._ops.packed_conv2d(x_bits.contiguous(), w_bits.contiguous(), in_channels, list(stride),
-                                      list(padding), list(dilation), pad_value, scale, bias, residual, raw,
-                                      native)
-        return out if raw or out_dtype in (None, native) else out.to(out_dtype)
-
-
-def load_extension() -> _Kernels | None:
-    """Build (first call; cached on disk) and load the C++ kernels; None if that is impossible."""
+def load_extension() -> Path | None:
+    """Build (first call; cached on disk) and load the C++ kernels, which register themselves as the ``ovsw``
+    ops' CPU kernels (``TORCH_LIBRARY_IMPL``); returns the library's path, or None if that is impossible
+    (see ``build_error``)."""
     if _STATE["tried"]:
         return _STATE["ext"]
+    from .. import ops  # noqa: F401  (the op schemas and Python CPU kernels come first)
+
     with _LOCK:
         if not _STATE["tried"]:
+            for hook in BEFORE_LOAD:
+                hook()
             try:
                 from torch.utils import cpp_extension
 
+                build_dir = _build_dir()
                 cpp_extension.load(
                     name="lightning_ovsw_cpu",
                     sources=[str(_SOURCE)],
                     extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],
-                    build_directory=str(_build_dir()),
+                    build_directory=str(build_dir),
                     is_python_module=False,
                     verbose=False,
                 )
-                _STATE["ext"] = _Kernels()
+                suffix = sysconfig.get_config_var("SHLIB_SUFFIX") or ".so"
+                _STATE["ext"] = build_dir / f"lightning_ovsw_cpu{suffix}"
             except Exception as err:  # noqa: BLE001  (no compiler, failed build: fall back, say why)
                 last = str(err).strip().splitlines()[-1:] or [""]
                 _STATE["error"] = f"{type(err).__name__}: {last[0]}"
+                for hook in AFTER_FAILED_LOAD:
+                    hook()
             _STATE["tried"] = True
             env = os.environ.get("LIGHTNING_OVSW_CPU_ISA")
             if env and _STATE["ext"] is not None:

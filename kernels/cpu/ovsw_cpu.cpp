@@ -8,6 +8,7 @@
 // with pad_value=0 the padded taps' contribution is removed exactly in the epilogue, from per-border
 // pattern corrections popcount(w_tap) (a padded +1 tap adds C - 2 popcount(w_tap)).
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -412,7 +413,7 @@ void check_epilogue(const std::optional<at::Tensor>& scale, const std::optional<
                 "ovsw_cpu: residual must be contiguous float32 of the output's shape");
 }
 
-at::Tensor packed_linear(const at::Tensor& a, const at::Tensor& b, int64_t k, const std::optional<at::Tensor>& scale,
+at::Tensor linear_impl(const at::Tensor& a, const at::Tensor& b, int64_t k, const std::optional<at::Tensor>& scale,
                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
                          bool raw, at::ScalarType dtype) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.scalar_type() == at::kInt && b.scalar_type() == at::kInt &&
@@ -432,7 +433,7 @@ at::Tensor packed_linear(const at::Tensor& a, const at::Tensor& b, int64_t k, co
   return out;
 }
 
-at::Tensor packed_conv2d(const at::Tensor& x, const at::Tensor& w, int64_t channels, at::IntArrayRef stride,
+at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t pad_value,
                          const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& residual, bool raw, at::ScalarType dtype) {
@@ -584,7 +585,7 @@ OVSW_AVX2 void pack_row_avx2(const float* x, u32* out, int64_t k) {
 }
 #endif
 
-at::Tensor sign_pack(const at::Tensor& x) {
+at::Tensor pack_rows_f32(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "ovsw_cpu.sign_pack: expects contiguous float32 [R, K]");
   const int64_t r = x.size(0), k = x.size(1), kw = (k + 31) / 32;
@@ -605,7 +606,7 @@ at::Tensor sign_pack(const at::Tensor& x) {
 
 // NCHW float -> NHWC words in one pass: per (image, word), OR each channel plane's sign bits into a
 // pixel-contiguous buffer (a loop the compiler vectorizes), then scatter it to the NHWC words.
-at::Tensor sign_pack_nchw(const at::Tensor& x) {
+at::Tensor pack_nchw_f32(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "ovsw_cpu.sign_pack_nchw: expects contiguous float32 [N, C, H, W]");
   const int64_t nb = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), cw = (c + 31) / 32;
@@ -631,18 +632,176 @@ at::Tensor sign_pack_nchw(const at::Tensor& x) {
   return out;
 }
 
+// ------------------------------------------------------------------ the ovsw ops' CPU kernels (validated)
+bool is_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_bits(const at::Tensor& t, const char* name, int64_t ndim) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name,
+                   " must be an int32 tensor of packed sign words (from ovsw.sign_pack), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(ndim < 0 || t.dim() == ndim, name, " must have ", ndim, " dims, got shape ", t.sizes());
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(is_float(t.scalar_type()), name, " must be a floating point tensor, got ", t.scalar_type());
+}
+
+void check_cpu(std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts)
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "all tensors must be on one device; got one on ", t->device(),
+                      ". Move them with .to(device).");
+}
+
+struct EpilogueArgs {
+  std::optional<at::Tensor> scale, bias, residual;
+  bool raw;
+  at::ScalarType native;
+};
+
+// Validate the epilogue operands; convert them to contiguous float32 (as the reference computes).
+EpilogueArgs epilogue_args(at::IntArrayRef out_shape, const std::optional<at::Tensor>& scale,
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                           std::optional<at::ScalarType> out_dtype) {
+  const int64_t n = out_shape.back();
+  EpilogueArgs e;
+  const std::optional<at::Tensor>* vecs[2] = {&scale, &bias};
+  const char* names[2] = {"scale", "bias"};
+  std::optional<at::Tensor>* outs[2] = {&e.scale, &e.bias};
+  for (int i = 0; i < 2; ++i) {
+    if (!*vecs[i]) continue;
+    const at::Tensor& v = **vecs[i];
+    check_float(v, names[i]);
+    check_cpu({&v});
+    TORCH_CHECK_VALUE(v.numel() == n, names[i], " must hold one value per output channel (", n, "), got shape ",
+                      v.sizes());
+    *outs[i] = v.reshape({n}).to(at::kFloat).contiguous();
+  }
+  if (residual) {
+    check_float(*residual, "residual");
+    check_cpu({&*residual});
+    TORCH_CHECK_VALUE(residual->sizes() == out_shape, "residual must have the output's shape ", out_shape,
+                      ", got ", residual->sizes());
+    e.residual = residual->to(at::kFloat).contiguous();
+  }
+  TORCH_CHECK_VALUE(!out_dtype || is_float(*out_dtype),
+                    "out_dtype must be None (int32 or float32 output) or a floating point dtype, got ", *out_dtype);
+  e.raw = !scale && !bias && !residual && !out_dtype;
+  e.native = out_dtype && (*out_dtype == at::kBFloat16 || *out_dtype == at::kHalf) ? *out_dtype : at::kFloat;
+  return e;
+}
+
+at::Tensor finish(at::Tensor out, const EpilogueArgs& e, std::optional<at::ScalarType> out_dtype) {
+  return !e.raw && out_dtype && *out_dtype != e.native ? out.to(*out_dtype) : out;
+}
+
+at::Tensor ovsw_sign_pack(const at::Tensor& x) {
+  RECORD_FUNCTION("ovsw_cpu::sign_pack", std::vector<c10::IValue>());
+  check_float(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "x must have a non-empty last dim to pack, got shape ",
+                    x.sizes());
+  const int64_t k = x.size(-1), kw = (k + 31) / 32;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = kw;
+  if (x.scalar_type() == at::kDouble) {  // compare in double: a tiny negative must not round to -0.0
+    at::Tensor rows = x.reshape({-1, k}).contiguous();
+    at::Tensor out = at::empty({rows.size(0), kw}, at::TensorOptions().dtype(at::kInt));
+    const double* xp = rows.data_ptr<double>();
+    u32* op = reinterpret_cast<u32*>(out.data_ptr<int32_t>());
+    for (int64_t r = 0; r < rows.size(0); ++r)
+      for (int64_t w = 0; w < kw; ++w) {
+        u32 word = 0;
+        for (int64_t b = 0; b < 32 && w * 32 + b < k; ++b) word |= u32(xp[r * k + w * 32 + b] < 0.0) << b;
+        op[r * kw + w] = word;
+      }
+    return out.reshape(shape);
+  }
+  return pack_rows_f32(x.reshape({-1, k}).to(at::kFloat).contiguous()).reshape(shape);
+}
+
+at::Tensor ovsw_sign_pack_nchw(const at::Tensor& x) {
+  RECORD_FUNCTION("ovsw_cpu::sign_pack_nchw", std::vector<c10::IValue>());
+  check_float(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(1) > 0, "x must be NCHW [N, C, H, W] with C > 0, got shape ",
+                    x.sizes());
+  if (x.scalar_type() == at::kDouble || x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return ovsw_sign_pack(x.permute({0, 2, 3, 1}));
+  return pack_nchw_f32(x.to(at::kFloat).contiguous());
+}
+
+at::Tensor ovsw_packed_linear(const at::Tensor& x_bits, const at::Tensor& w_bits, int64_t k,
+                              const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual, std::optional<at::ScalarType> out_dtype) {
+  RECORD_FUNCTION("ovsw_cpu::packed_linear", std::vector<c10::IValue>());  // profiler: the C++ kernel ran
+  TORCH_CHECK_VALUE(k >= 1, "k must be a positive int (the number of packed bits), got ", k);
+  check_bits(x_bits, "x_bits", -1);
+  check_bits(w_bits, "w_bits", 2);
+  TORCH_CHECK_VALUE(x_bits.dim() >= 1, "x_bits must be a tensor [..., ceil(k/32)] of packed sign words");
+  check_cpu({&x_bits, &w_bits});
+  const int64_t kw = (k + 31) / 32;
+  TORCH_CHECK_VALUE(x_bits.size(-1) == kw && w_bits.size(1) == kw, "k=", k, " bits need ", kw,
+                    " words per row; got x_bits ", x_bits.sizes(), ", w_bits ", w_bits.sizes(),
+                    ". Pack both with ovsw.sign_pack over the same k features.");
+  std::vector<int64_t> shape(x_bits.sizes().begin(), x_bits.sizes().end());
+  shape.back() = w_bits.size(0);
+  EpilogueArgs e = epilogue_args(shape, scale, bias, residual, out_dtype);
+  at::Tensor a = x_bits.reshape({-1, kw}).contiguous();
+  std::optional<at::Tensor> res;
+  if (e.residual) res = e.residual->reshape({a.size(0), w_bits.size(0)});
+  at::Tensor out = linear_impl(a, w_bits.contiguous(), k, e.scale, e.bias, res, e.raw, e.native);
+  return finish(out.reshape(shape), e, out_dtype);
+}
+
+at::Tensor ovsw_packed_conv2d(const at::Tensor& x_bits, const at::Tensor& w_bits, int64_t in_channels,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t pad_value, const std::optional<at::Tensor>& scale,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                              std::optional<at::ScalarType> out_dtype) {
+  RECORD_FUNCTION("ovsw_cpu::packed_conv2d", std::vector<c10::IValue>());
+  check_bits(x_bits, "x_bits", 4);
+  check_bits(w_bits, "w_bits", 4);
+  check_cpu({&x_bits, &w_bits});
+  TORCH_CHECK_VALUE(in_channels >= 1, "in_channels must be a positive int, got ", in_channels);
+  const int64_t cw = (in_channels + 31) / 32;
+  TORCH_CHECK_VALUE(x_bits.size(3) == cw && w_bits.size(3) == cw, "in_channels=", in_channels, " needs ", cw,
+                    " words per pixel; got x_bits ", x_bits.sizes(), ", w_bits ", w_bits.sizes(),
+                    " (expected packed NHWC input [N, H, W, CW], e.g. from ovsw.sign_pack_nchw, and weights "
+                    "[Cout, KH, KW, CW])");
+  TORCH_CHECK_VALUE(pad_value == 0 || pad_value == 1,
+                    "pad_value must be 0 (padded taps contribute 0) or 1 (pad with +1), got ", pad_value);
+  TORCH_CHECK_VALUE(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1,
+                    "stride must be a pair of ints >= 1, got ", stride);
+  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
+                    "padding must be a pair of ints >= 0, got ", padding);
+  TORCH_CHECK_VALUE(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1,
+                    "dilation must be a pair of ints >= 1, got ", dilation);
+  const int64_t kh = w_bits.size(1), kwid = w_bits.size(2);
+  const int64_t ho = (x_bits.size(1) + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const int64_t wo = (x_bits.size(2) + 2 * padding[1] - dilation[1] * (kwid - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK_VALUE(x_bits.size(1) + 2 * padding[0] - dilation[0] * (kh - 1) - 1 >= 0 &&
+                        x_bits.size(2) + 2 * padding[1] - dilation[1] * (kwid - 1) - 1 >= 0,
+                    "the ", kh, "x", kwid, " kernel (dilation ", dilation, ") does not fit the ", x_bits.size(1),
+                    "x", x_bits.size(2), " input padded by ", padding);
+  TORCH_CHECK_VALUE(kh <= 64 && kwid <= 64, "kernels up to 64x64 are supported, got ", kh, "x", kwid);
+  const std::vector<int64_t> shape = {x_bits.size(0), ho, wo, w_bits.size(0)};
+  EpilogueArgs e = epilogue_args(shape, scale, bias, residual, out_dtype);
+  at::Tensor out = conv_impl(x_bits.contiguous(), w_bits.contiguous(), in_channels, stride, padding, dilation,
+                             pad_value, e.scale, e.bias, e.residual, e.raw, e.native);
+  return finish(out, e, out_dtype);
+}
+
 }  // namespace
+
+// The ovsw ops' schemas are defined in Python (kernels/ops.py); these are their CPU kernels.
+TORCH_LIBRARY_IMPL(ovsw, CPU, m) {
+  m.impl("sign_pack", &ovsw_sign_pack);
+  m.impl("sign_pack_nchw", &ovsw_sign_pack_nchw);
+  m.impl("packed_linear", &ovsw_packed_linear);
+  m.impl("packed_conv2d", &ovsw_packed_conv2d);
+}
 
 TORCH_LIBRARY(ovsw_cpu, m) {
   m.def("supported_isas() -> int", &supported_isas);
   m.def("get_isa() -> int", &get_isa);
   m.def("set_isa(int isa) -> ()", &set_isa);
-  m.def("sign_pack(Tensor x) -> Tensor", &sign_pack);
-  m.def("sign_pack_nchw(Tensor x) -> Tensor", &sign_pack_nchw);
-  m.def("packed_linear(Tensor a, Tensor b, int k, Tensor? scale, Tensor? bias, Tensor? residual, bool raw, "
-        "ScalarType out_dtype) -> Tensor",
-        &packed_linear);
-  m.def("packed_conv2d(Tensor x, Tensor w, int in_channels, int[] stride, int[] padding, int[] dilation, "
-        "int pad_value, Tensor? scale, Tensor? bias, Tensor? residual, bool raw, ScalarType out_dtype) -> Tensor",
-        &packed_conv2d);
 }
