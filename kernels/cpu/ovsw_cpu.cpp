@@ -241,6 +241,8 @@ struct Neon {
 #endif
 
 // ---------------------------------------------------------------------------------------- epilogue
+constexpr int64_t BLOCK_M = 48, BLOCK_N = 64;  // GEMM tile: multiples of every MR / NR and of the AVX-512 panel
+
 // acc = base[row] - 2 * (popcount - corr[row][n]); then raw int32, or acc * scale + bias + residual in
 // float32 (each step rounded like the reference; built with -ffp-contract=off) cast to the output dtype.
 struct Epilogue {
@@ -256,27 +258,33 @@ struct Epilogue {
   at::ScalarType dtype = at::kFloat;
   void* out = nullptr;
 
+  // Branch-free inner loops (the compiler vectorizes them); cols <= BLOCK_N.
   template <typename T>
   void store(int64_t row, const int32_t* pop, int64_t n0, int64_t cols) const {
-    int64_t b = base;
-    const int32_t* corr = nullptr;
+    int32_t acc[BLOCK_N];
     if (pattern) {
-      b = pattern_base[pattern[row]];
-      corr = pattern_corr + pattern[row] * n;
+      const int32_t b = pattern_base[pattern[row]];
+      const int32_t* corr = pattern_corr + pattern[row] * n + n0;
+      for (int64_t j = 0; j < cols; ++j) acc[j] = b - 2 * (pop[j] - corr[j]);
+    } else {
+      const int32_t b = static_cast<int32_t>(base);
+      for (int64_t j = 0; j < cols; ++j) acc[j] = b - 2 * pop[j];
     }
     T* o = static_cast<T*>(out) + row * n + n0;
-    const float* res = residual ? residual + row * n + n0 : nullptr;
-    for (int64_t j = 0; j < cols; ++j) {
-      int32_t acc = static_cast<int32_t>(b - 2 * (pop[j] - (corr ? corr[n0 + j] : 0)));
-      if constexpr (std::is_same_v<T, int32_t>) {
-        o[j] = acc;
-      } else {
-        float f = static_cast<float>(acc);
-        if (scale) f = f * scale[n0 + j];
-        if (bias) f = f + bias[n0 + j];
-        if (res) f = f + res[j];
-        o[j] = static_cast<T>(f);
+    if constexpr (std::is_same_v<T, int32_t>) {
+      std::memcpy(o, acc, cols * sizeof(int32_t));
+    } else {
+      float f[BLOCK_N];
+      for (int64_t j = 0; j < cols; ++j) f[j] = static_cast<float>(acc[j]);
+      if (scale)
+        for (int64_t j = 0; j < cols; ++j) f[j] = f[j] * scale[n0 + j];
+      if (bias)
+        for (int64_t j = 0; j < cols; ++j) f[j] = f[j] + bias[n0 + j];
+      if (residual) {
+        const float* res = residual + row * n + n0;
+        for (int64_t j = 0; j < cols; ++j) f[j] = f[j] + res[j];
       }
+      for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<T>(f[j]);
     }
   }
 
@@ -291,7 +299,13 @@ struct Epilogue {
 };
 
 // ------------------------------------------------------------------------------------------- GEMM
-constexpr int64_t BLOCK_M = 48, BLOCK_N = 64;  // multiples of every MR / NR and of the AVX-512 panel
+
+// Rows per tile: at most BLOCK_M, a multiple of mr, and as even as possible (49 rows: 2 x 30, not 48 + 1).
+int64_t balanced_block(int64_t m, int64_t mr) {
+  const int64_t tiles = (m + BLOCK_M - 1) / BLOCK_M;
+  const int64_t rows = (m + tiles - 1) / tiles;
+  return std::min<int64_t>(BLOCK_M, (rows + mr - 1) / mr * mr);
+}
 
 template <class K>
 void gemm_block(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t kw, int64_t m0, int64_t m1,
@@ -326,12 +340,12 @@ void gemm_block(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t kw
 template <class K>
 void gemm(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m, int64_t n, int64_t kw,
           const Epilogue& epi) {
-  const int64_t tiles_m = (m + BLOCK_M - 1) / BLOCK_M, tiles_n = (n + BLOCK_N - 1) / BLOCK_N;
+  const int64_t block_m = balanced_block(m, K::MR);
+  const int64_t tiles_m = (m + block_m - 1) / block_m, tiles_n = (n + BLOCK_N - 1) / BLOCK_N;
   at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t tm = t / tiles_n, tn = t % tiles_n;
-      const int64_t m0 = tm * BLOCK_M, n0 = tn * BLOCK_N;
-      gemm_block<K>(a, lda, b, ldb, kw, m0, std::min(m, m0 + BLOCK_M), n0, std::min(n, n0 + BLOCK_N), epi);
+      const int64_t m0 = (t / tiles_n) * block_m, n0 = (t % tiles_n) * BLOCK_N;
+      gemm_block<K>(a, lda, b, ldb, kw, m0, std::min(m, m0 + block_m), n0, std::min(n, n0 + BLOCK_N), epi);
     }
   });
 }
@@ -344,25 +358,26 @@ void gemm_avx512(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m
   at::Tensor packed = at::empty({panels * k64 * P}, at::TensorOptions().dtype(at::kLong));  // 64-byte aligned
   u64* bt = reinterpret_cast<u64*>(packed.data_ptr<int64_t>());
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p)
-      for (int64_t l = 0; l < P; ++l) {
-        const int64_t row = p * P + l;
-        for (int64_t q = 0; q < k64; ++q) {
-          u64 v = 0;
-          if (row < n) {
-            v = b[row * ldb + 2 * q];
-            if (2 * q + 1 < kw) v |= u64(b[row * ldb + 2 * q + 1]) << 32;
-          }
-          bt[(p * k64 + q) * P + l] = v;
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t rows = std::min<int64_t>(P, n - p * P);
+      u64* dst = bt + p * k64 * P;
+      for (int64_t q = 0; q < k64; ++q, dst += P) {
+        const bool pair = 2 * q + 1 < kw;
+        for (int64_t l = 0; l < rows; ++l) {
+          const u32* src = b + (p * P + l) * ldb + 2 * q;
+          dst[l] = pair ? (u64(src[1]) << 32 | src[0]) : src[0];
         }
+        for (int64_t l = rows; l < P; ++l) dst[l] = 0;
       }
+    }
   });
-  const int64_t tiles_m = (m + BLOCK_M - 1) / BLOCK_M, tiles_n = (n + BLOCK_N - 1) / BLOCK_N;
+  const int64_t block_m = balanced_block(m, Avx512::MR);
+  const int64_t tiles_m = (m + block_m - 1) / block_m, tiles_n = (n + BLOCK_N - 1) / BLOCK_N;
   at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t pop[BLOCK_M * BLOCK_N];
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t m0 = (t / tiles_n) * BLOCK_M, n0 = (t % tiles_n) * BLOCK_N;
-      const int64_t m1 = std::min(m, m0 + BLOCK_M), n1 = std::min(n, n0 + BLOCK_N);
+      const int64_t m0 = (t / tiles_n) * block_m, n0 = (t % tiles_n) * BLOCK_N;
+      const int64_t m1 = std::min(m, m0 + block_m), n1 = std::min(n, n0 + BLOCK_N);
       for (int64_t j = n0; j < n1; j += P)
         for (int64_t i = m0; i < m1; i += Avx512::MR)
           Avx512::rows(a + i * lda, lda, bt + (j / P) * k64 * P, kw, pop + (i - m0) * BLOCK_N + (j - n0), BLOCK_N,
@@ -385,6 +400,42 @@ void run_gemm(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m, i
 #endif
     default: return gemm<Portable>(a, lda, b, ldb, m, n, kw, epi);
   }
+}
+
+// popcount of n words, for the pad_value=0 corrections (hardware popcount where the ISA has one)
+int32_t popcount_words_portable(const u32* p, int64_t n) {
+  int32_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += __builtin_popcount(p[i]);
+  return s;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("popcnt"))) int32_t popcount_words_popcnt(const u32* p, int64_t n) {
+  int32_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += __builtin_popcount(p[i]);
+  return s;
+}
+
+OVSW_AVX512 int32_t popcount_words_avx512(const u32* p, int64_t n) {
+  __m512i acc = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_loadu_si512(p + i)));
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_maskz_loadu_epi32(m, p + i)));
+  }
+  return static_cast<int32_t>(_mm512_reduce_add_epi64(acc));
+}
+#endif
+
+using PopcountFn = int32_t (*)(const u32*, int64_t);
+PopcountFn popcount_fn() {
+#if defined(__x86_64__)
+  const int64_t isa = get_isa();
+  if (isa == AVX512) return popcount_words_avx512;
+  if (isa == AVX2) return popcount_words_popcnt;
+#endif
+  return popcount_words_portable;
 }
 
 at::Tensor new_output(at::IntArrayRef shape, bool raw, at::ScalarType dtype) {
@@ -481,12 +532,8 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels,
     ws.erase(std::unique(ws.begin(), ws.end()), ws.end());
     const int64_t npat = hs.size() * ws.size();
     std::vector<int32_t> tap_pop(cout * taps);
-    for (int64_t o = 0; o < cout; ++o)
-      for (int64_t t = 0; t < taps; ++t) {
-        int32_t s = 0;
-        for (int64_t c = 0; c < cw; ++c) s += __builtin_popcount(wp[(o * taps + t) * cw + c]);
-        tap_pop[o * taps + t] = s;
-      }
+    const auto count = popcount_fn();
+    for (int64_t r = 0; r < cout * taps; ++r) tap_pop[r] = count(wp + r * cw, cw);
     pattern_base.resize(npat);
     pattern_corr.assign(npat * cout, 0);
     for (size_t a = 0; a < hs.size(); ++a)
@@ -508,7 +555,9 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels,
     for (int64_t o = 0; o < ho; ++o) hid[o] = std::lower_bound(hs.begin(), hs.end(), hmask[o]) - hs.begin();
     for (int64_t o = 0; o < wo; ++o) wid[o] = std::lower_bound(ws.begin(), ws.end(), wmask[o]) - ws.begin();
     row_pattern.resize(m);
-    for (int64_t r = 0; r < m; ++r) row_pattern[r] = hid[(r / wo) % ho] * ws.size() + wid[r % wo];
+    for (int64_t img = 0, r = 0; img < nb; ++img)
+      for (int64_t oh = 0; oh < ho; ++oh)
+        for (int64_t ow = 0; ow < wo; ++ow, ++r) row_pattern[r] = hid[oh] * ws.size() + wid[ow];
     epi.pattern = row_pattern.data();
     epi.pattern_base = pattern_base.data();
     epi.pattern_corr = pattern_corr.data();
@@ -525,8 +574,14 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels,
     for (int64_t r = begin; r < end; ++r) {
       const int64_t ow = r % wo, oh = (r / wo) % ho, img = r / (wo * ho);
       u32* dst = cp + r * kw;
+      const int64_t iw0 = ow * sw - pw, iw1 = iw0 + (kwid - 1) * dw;
       for (int64_t i = 0; i < kh; ++i) {
         const int64_t ih = oh * sh - ph + i * dh;
+        if (dw == 1 && ih >= 0 && ih < h && iw0 >= 0 && iw1 < wd) {  // a whole kernel row is contiguous
+          std::memcpy(dst, xp + ((img * h + ih) * wd + iw0) * cw, kwid * cw * sizeof(u32));
+          dst += kwid * cw;
+          continue;
+        }
         for (int64_t j = 0; j < kwid; ++j, dst += cw) {
           const int64_t iw = ow * sw - pw + j * dw;
           if (ih < 0 || ih >= h || iw < 0 || iw >= wd) {
