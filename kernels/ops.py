@@ -7,6 +7,8 @@ Importing this module registers, through ``torch.library``:
 - ``ovsw::packed_linear(x_bits, w_bits, k, scale, bias, residual, out_dtype)``;
 - ``ovsw::packed_conv2d(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias,
   residual, out_dtype)``;
+- ``ovsw::packed_conv2d_sign(...)``: the same without ``out_dtype``, fused with the next layer's
+  sign-and-pack (returns the packed sign bits of the float32 result);
 
 each with a fake (meta) kernel, so ``torch.compile`` and ``torch.export`` trace them and an exported
 program runs in any process that imports ``lightning_ovsw.kernels.ops``. Dispatch: CPU tensors run the C++
@@ -31,7 +33,7 @@ from torch import Tensor
 from . import cpu, reference
 from .reference import conv_output_size, num_words
 
-__all__ = ["packed_conv2d", "packed_linear", "sign_pack", "sign_pack_nchw"]
+__all__ = ["packed_conv2d", "packed_conv2d_sign", "packed_linear", "sign_pack", "sign_pack_nchw"]
 
 _LIB = torch.library.Library("ovsw", "DEF")
 _LIB.define("sign_pack(Tensor x) -> Tensor")
@@ -44,6 +46,11 @@ _LIB.define(
     "packed_conv2d(Tensor x_bits, Tensor w_bits, int in_channels, int[2] stride=[1, 1], "
     "int[2] padding=[0, 0], int[2] dilation=[1, 1], int pad_value=0, Tensor? scale=None, "
     "Tensor? bias=None, Tensor? residual=None, ScalarType? out_dtype=None) -> Tensor"
+)
+_LIB.define(
+    "packed_conv2d_sign(Tensor x_bits, Tensor w_bits, int in_channels, int[2] stride=[1, 1], "
+    "int[2] padding=[0, 0], int[2] dilation=[1, 1], int pad_value=0, Tensor? scale=None, "
+    "Tensor? bias=None, Tensor? residual=None) -> Tensor"
 )
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -251,6 +258,23 @@ def _conv_reference(x_bits, w_bits, in_channels, stride=(1, 1), padding=(0, 0), 
                                    tuple(dilation), pad_value, scale, bias, residual, out_dtype)
 
 
+def _conv_sign_reference(x_bits, w_bits, in_channels, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                         pad_value=0, scale=None, bias=None, residual=None):
+    y = _conv_reference(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias,
+                        residual, torch.float32)
+    return reference.sign_pack(y)
+
+
+def _conv_sign_shape(*args) -> tuple[int, ...]:
+    return _conv_shape(*args, torch.float32)
+
+
+def _conv_sign_triton(tri, x, w, c, s, p, d, pad_value, scale, bias, residual):
+    y = tri.triton_packed_conv2d(x, w, c, tuple(s), tuple(p), tuple(d), pad_value, scale, bias, residual,
+                                 torch.float32)
+    return tri.triton_sign_pack(y)
+
+
 _IMPLS = {
     "sign_pack": (reference.sign_pack, lambda tri, x: tri.triton_sign_pack(x), _check_sign_pack),
     "sign_pack_nchw": (_sign_pack_nchw_reference, lambda tri, x: tri.triton_sign_pack_nchw(x),
@@ -258,6 +282,7 @@ _IMPLS = {
     "packed_linear": (reference.packed_linear, lambda tri, *a: tri.triton_packed_linear(*a), _linear_shape),
     "packed_conv2d": (_conv_reference, lambda tri, x, w, c, s, p, d, *a: tri.triton_packed_conv2d(
         x, w, c, tuple(s), tuple(p), tuple(d), *a), _conv_shape),
+    "packed_conv2d_sign": (_conv_sign_reference, _conv_sign_triton, _conv_sign_shape),
 }
 for _name, (_reference_fn, _cuda_fn, _check) in _IMPLS.items():
     _impl(_name, _reference_fn, _cuda_fn, _check)
@@ -295,6 +320,14 @@ def _packed_conv2d_fake(x_bits, w_bits, in_channels, stride=(1, 1), padding=(0, 
     return x_bits.new_empty(shape, dtype=_result_dtype(scale, bias, residual, out_dtype))
 
 
+@torch.library.register_fake("ovsw::packed_conv2d_sign", lib=_LIB)
+def _packed_conv2d_sign_fake(x_bits, w_bits, in_channels, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                             pad_value=0, scale=None, bias=None, residual=None):
+    n, ho, wo, cout = _conv_sign_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value,
+                                       scale, bias, residual)
+    return x_bits.new_empty((n, ho, wo, num_words(cout)), dtype=torch.int32)
+
+
 # ---------------------------------------------------------------------------------- python entry points
 def sign_pack(x: Tensor) -> Tensor:
     """``[..., K]`` float -> ``[..., ceil(K/32)]`` int32 words, bit ``i`` = ``x[..., i] < 0`` (LSB first)."""
@@ -323,3 +356,15 @@ def packed_conv2d(x_bits: Tensor, w_bits: Tensor, in_channels: int, stride: Sequ
     return torch.ops.ovsw.packed_conv2d(
         x_bits, w_bits, in_channels, list(_pair(stride, "stride", 1)), list(_pair(padding, "padding", 0)),
         list(_pair(dilation, "dilation", 1)), pad_value, scale, bias, residual, out_dtype)
+
+
+def packed_conv2d_sign(x_bits: Tensor, w_bits: Tensor, in_channels: int, stride: Sequence[int] = (1, 1),
+                       padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), pad_value: int = 0,
+                       scale: Tensor | None = None, bias: Tensor | None = None,
+                       residual: Tensor | None = None) -> Tensor:
+    """``packed_conv2d`` fused with the next binary layer's sign-and-pack: the sign bits of the float32
+    epilogue ``acc * scale + bias + residual`` as packed NHWC words ``[N, Ho, Wo, ceil(Cout/32)]``
+    (equal to ``sign_pack(packed_conv2d(..., out_dtype=torch.float32))``), without writing the floats."""
+    return torch.ops.ovsw.packed_conv2d_sign(
+        x_bits, w_bits, in_channels, list(_pair(stride, "stride", 1)), list(_pair(padding, "padding", 0)),
+        list(_pair(dilation, "dilation", 1)), pad_value, scale, bias, residual)

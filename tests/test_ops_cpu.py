@@ -134,6 +134,23 @@ def test_packed_conv2d_matches_reference(isa, batch, c, cout, h, w, kernel, stri
     assert_same(ops.packed_conv2d(x_bits, w_bits, c, *args), ref.packed_conv2d(x_bits, w_bits, c, *args))
 
 
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(c=st.sampled_from([3, 32, 33, 64]), cout=st.sampled_from([1, 31, 32, 33, 64, 65, 130]),
+       stride=st.sampled_from([1, 2]), padding=st.sampled_from([0, 1]), pad_value=st.sampled_from([0, 1]),
+       scale=st.booleans(), bias=st.booleans(), residual=st.booleans())
+def test_packed_conv2d_sign_matches_reference(isa, c, cout, stride, padding, pad_value, scale, bias,
+                                              residual):
+    """The fused next-layer sign-and-pack equals packing the float32 result (bits past Cout stay 0)."""
+    x_bits, w_bits = ref.sign_pack(signs(2, 7, 6, c)), ref.sign_pack(signs(cout, 3, 3, c))
+    ho, wo = ref.conv_output_size(7, 3, stride, padding, 1), ref.conv_output_size(6, 3, stride, padding, 1)
+    epi = (torch.rand(cout) - 0.3 if scale else None, torch.randn(cout) if bias else None,
+           torch.randn(2, ho, wo, cout) if residual else None)
+    geometry = ((stride, stride), (padding, padding), (1, 1), pad_value)
+    want = ref.sign_pack(ref.packed_conv2d(x_bits, w_bits, c, *geometry, *epi, torch.float32))
+    assert_same(ops.packed_conv2d_sign(x_bits, w_bits, c, *geometry, *epi), want)
+
+
 @pytest.mark.parametrize("pad_value", [0, 1])
 @pytest.mark.parametrize(("stride", "padding", "dilation"),
                          [((1, 2), (2, 1), (1, 1)), ((2, 1), (1, 2), (2, 1))])
@@ -164,6 +181,8 @@ def test_opcheck_fake_kernels(extension):
                                                 torch.bfloat16)),
         (torch.ops.ovsw.packed_conv2d.default, (cx, cw, 40, [2, 1], [1, 1], [1, 1], 0, torch.rand(5), None,
                                                 torch.randn(1, 3, 6, 5), torch.float32)),
+        (torch.ops.ovsw.packed_conv2d_sign.default, (cx, cw, 40, [1, 1], [1, 1], [1, 1], 1, torch.rand(5),
+                                                     torch.randn(5), None)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -258,10 +258,10 @@ struct Epilogue {
   at::ScalarType dtype = at::kFloat;
   void* out = nullptr;
 
+  bool sign = false;  // store the sign bits of the float32 result (int32 words, the next layer's input)
+
   // Branch-free inner loops (the compiler vectorizes them); cols <= BLOCK_N.
-  template <typename T>
-  void store(int64_t row, const int32_t* pop, int64_t n0, int64_t cols) const {
-    int32_t acc[BLOCK_N];
+  void accumulators(int64_t row, const int32_t* pop, int64_t n0, int64_t cols, int32_t* acc) const {
     if (pattern) {
       const int32_t b = pattern_base[pattern[row]];
       const int32_t* corr = pattern_corr + pattern[row] * n + n0;
@@ -270,25 +270,51 @@ struct Epilogue {
       const int32_t b = static_cast<int32_t>(base);
       for (int64_t j = 0; j < cols; ++j) acc[j] = b - 2 * pop[j];
     }
+  }
+
+  void floats(int64_t row, const int32_t* acc, int64_t n0, int64_t cols, float* f) const {
+    for (int64_t j = 0; j < cols; ++j) f[j] = static_cast<float>(acc[j]);
+    if (scale)
+      for (int64_t j = 0; j < cols; ++j) f[j] = f[j] * scale[n0 + j];
+    if (bias)
+      for (int64_t j = 0; j < cols; ++j) f[j] = f[j] + bias[n0 + j];
+    if (residual) {
+      const float* res = residual + row * n + n0;
+      for (int64_t j = 0; j < cols; ++j) f[j] = f[j] + res[j];
+    }
+  }
+
+  template <typename T>
+  void store(int64_t row, const int32_t* pop, int64_t n0, int64_t cols) const {
+    int32_t acc[BLOCK_N];
+    accumulators(row, pop, n0, cols, acc);
     T* o = static_cast<T*>(out) + row * n + n0;
     if constexpr (std::is_same_v<T, int32_t>) {
       std::memcpy(o, acc, cols * sizeof(int32_t));
     } else {
       float f[BLOCK_N];
-      for (int64_t j = 0; j < cols; ++j) f[j] = static_cast<float>(acc[j]);
-      if (scale)
-        for (int64_t j = 0; j < cols; ++j) f[j] = f[j] * scale[n0 + j];
-      if (bias)
-        for (int64_t j = 0; j < cols; ++j) f[j] = f[j] + bias[n0 + j];
-      if (residual) {
-        const float* res = residual + row * n + n0;
-        for (int64_t j = 0; j < cols; ++j) f[j] = f[j] + res[j];
-      }
+      floats(row, acc, n0, cols, f);
       for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<T>(f[j]);
     }
   }
 
+  // n0 is a multiple of BLOCK_N, so this tile's bits fill whole words of the packed row.
+  void store_sign(int64_t row, const int32_t* pop, int64_t n0, int64_t cols) const {
+    int32_t acc[BLOCK_N];
+    float f[BLOCK_N];
+    accumulators(row, pop, n0, cols, acc);
+    floats(row, acc, n0, cols, f);
+    const int64_t words = (n + 31) / 32;
+    u32* o = static_cast<u32*>(out) + row * words + n0 / 32;
+    for (int64_t w = 0; w * 32 < cols; ++w) {
+      u32 word = 0;
+      for (int64_t b = 0; b < 32 && w * 32 + b < cols; ++b) word |= u32(f[w * 32 + b] < 0.0f) << b;
+      o[w] = word;
+    }
+  }
+
   void operator()(int64_t row, const int32_t* pop, int64_t n0, int64_t cols) const {
+    if (sign) return store_sign(row, pop, n0, cols);
     if (raw) return store<int32_t>(row, pop, n0, cols);
     switch (dtype) {
       case at::kBFloat16: return store<c10::BFloat16>(row, pop, n0, cols);
@@ -487,7 +513,7 @@ at::Tensor linear_impl(const at::Tensor& a, const at::Tensor& b, int64_t k, cons
 at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t pad_value,
                          const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& residual, bool raw, at::ScalarType dtype) {
+                         const std::optional<at::Tensor>& residual, bool raw, at::ScalarType dtype, bool sign) {
   TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && x.scalar_type() == at::kInt && w.scalar_type() == at::kInt &&
                   x.is_contiguous() && w.is_contiguous() && x.size(3) == w.size(3) &&
                   x.size(3) == (channels + 31) / 32,
@@ -502,7 +528,8 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels,
   TORCH_CHECK(ho > 0 && wo > 0, "ovsw_cpu.packed_conv2d: empty output");
   const int64_t m = nb * ho * wo, taps = kh * kwid, kw = taps * cw;
   check_epilogue(scale, bias, residual, m, cout);
-  at::Tensor out = new_output({nb, ho, wo, cout}, raw, dtype);
+  at::Tensor out = sign ? at::empty({nb, ho, wo, (cout + 31) / 32}, at::TensorOptions().dtype(at::kInt))
+                        : new_output({nb, ho, wo, cout}, raw, dtype);
   if (m == 0 || cout == 0) return out;
   const u32* xp = reinterpret_cast<const u32*>(x.data_ptr<int32_t>());
   const u32* wp = reinterpret_cast<const u32*>(w.data_ptr<int32_t>());
@@ -511,6 +538,7 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels,
   epi.n = cout;
   epi.base = taps * channels;
   set_epilogue(epi, scale, bias, residual, raw, out);
+  epi.sign = sign;
 
   // Border patterns (pad_value = 0): which kernel rows / columns fall in the padding, per output row / col.
   auto masks = [](int64_t size, int64_t out_size, int64_t k, int64_t s, int64_t p, int64_t d) {
@@ -807,12 +835,11 @@ at::Tensor ovsw_packed_linear(const at::Tensor& x_bits, const at::Tensor& w_bits
   return finish(out.reshape(shape), e, out_dtype);
 }
 
-at::Tensor ovsw_packed_conv2d(const at::Tensor& x_bits, const at::Tensor& w_bits, int64_t in_channels,
-                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                              int64_t pad_value, const std::optional<at::Tensor>& scale,
-                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                              std::optional<at::ScalarType> out_dtype) {
-  RECORD_FUNCTION("ovsw_cpu::packed_conv2d", std::vector<c10::IValue>());
+at::Tensor conv(const char* name, const at::Tensor& x_bits, const at::Tensor& w_bits, int64_t in_channels,
+                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t pad_value,
+                const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                const std::optional<at::Tensor>& residual, std::optional<at::ScalarType> out_dtype, bool sign) {
+  RECORD_FUNCTION(name, std::vector<c10::IValue>());  // the profiler shows that the C++ kernel ran
   check_bits(x_bits, "x_bits", 4);
   check_bits(w_bits, "w_bits", 4);
   check_cpu({&x_bits, &w_bits});
@@ -841,9 +868,29 @@ at::Tensor ovsw_packed_conv2d(const at::Tensor& x_bits, const at::Tensor& w_bits
   const std::vector<int64_t> shape = {x_bits.size(0), ho, wo, w_bits.size(0)};
   EpilogueArgs e = epilogue_args(shape, scale, bias, residual, out_dtype);
   at::Tensor out = conv_impl(x_bits.contiguous(), w_bits.contiguous(), in_channels, stride, padding, dilation,
-                             pad_value, e.scale, e.bias, e.residual, e.raw, e.native);
-  return finish(out, e, out_dtype);
+                             pad_value, e.scale, e.bias, e.residual, e.raw, e.native, sign);
+  return sign ? out : finish(out, e, out_dtype);
 }
+
+at::Tensor ovsw_packed_conv2d(const at::Tensor& x_bits, const at::Tensor& w_bits, int64_t in_channels,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t pad_value, const std::optional<at::Tensor>& scale,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                              std::optional<at::ScalarType> out_dtype) {
+  return conv("ovsw_cpu::packed_conv2d", x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale,
+              bias, residual, out_dtype, false);
+}
+
+at::Tensor ovsw_packed_conv2d_sign(const at::Tensor& x_bits, const at::Tensor& w_bits, int64_t in_channels,
+                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                   int64_t pad_value, const std::optional<at::Tensor>& scale,
+                                   const std::optional<at::Tensor>& bias,
+                                   const std::optional<at::Tensor>& residual) {
+  return conv("ovsw_cpu::packed_conv2d_sign", x_bits, w_bits, in_channels, stride, padding, dilation, pad_value,
+              scale, bias, residual, at::kFloat, true);
+}
+
+
 
 }  // namespace
 
@@ -853,6 +900,7 @@ TORCH_LIBRARY_IMPL(ovsw, CPU, m) {
   m.impl("sign_pack_nchw", &ovsw_sign_pack_nchw);
   m.impl("packed_linear", &ovsw_packed_linear);
   m.impl("packed_conv2d", &ovsw_packed_conv2d);
+  m.impl("packed_conv2d_sign", &ovsw_packed_conv2d_sign);
 }
 
 TORCH_LIBRARY(ovsw_cpu, m) {
