@@ -73,12 +73,14 @@ class ClassificationModule(LightningModule):
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0.")
         if isinstance(model, str):
+            self.save_hyperparameters()  # the zoo name is enough to rebuild it from a checkpoint
             model = create_model(model, **(model_kwargs or {}))
         elif not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or a zoo name, got {type(model).__name__}.")
         elif model_kwargs:
             raise ValueError("model_kwargs apply only when model is a zoo name.")
-        self.save_hyperparameters(ignore=["model"])
+        else:
+            self.save_hyperparameters(ignore=["model"])  # module weights are in the state dict
         self.model = model
         self.num_classes = num_classes or infer_num_classes(model)
         top5 = min(5, self.num_classes)

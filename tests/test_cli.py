@@ -99,7 +99,7 @@ def test_fit_then_validate_and_test_from_checkpoint(tmp_path, monkeypatch):
                      "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
                      "--trainer.log_every_n_steps=1"])
     assert fit.trainer.current_epoch == 2 and fit.trainer.global_step == 4
-    ckpts = sorted(Path("logs").rglob("last.ckpt"))
+    ckpts = sorted(Path("logs").rglob("last*.ckpt"))
     assert len(ckpts) == 1 and sorted(Path("logs").rglob("config.yaml"))
     events = sorted(Path("logs").rglob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -111,6 +111,9 @@ def test_fit_then_validate_and_test_from_checkpoint(tmp_path, monkeypatch):
         split = "val" if sub == "validate" else "test"
         assert 0 <= cli.trainer.callback_metrics[f"{split}/acc1"] <= 1
     main(["validate", *common, f"--ckpt_path={ckpts[0]}", "--trainer.enable_progress_bar=false"])
+    restored = ClassificationModule.load_from_checkpoint(ckpts[0])  # zoo name and weights come back
+    for key, value in fit.model.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[key], value.cpu())
 
 
 class _LrRecorder(L.Callback):
