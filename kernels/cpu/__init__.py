@@ -50,23 +50,8 @@ def load_extension() -> Path | None:
         if not _STATE["tried"]:
             for hook in BEFORE_LOAD:
                 hook()
-            try:
-                from torch.utils import cpp_extension
-
-                build_dir = _build_dir()
-                cpp_extension.load(
-                    name="lightning_ovsw_cpu",
-                    sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],
-                    build_directory=str(build_dir),
-                    is_python_module=False,
-                    verbose=False,
-                )
-                suffix = sysconfig.get_config_var("SHLIB_SUFFIX") or ".so"
-                _STATE["ext"] = build_dir / f"lightning_ovsw_cpu{suffix}"
-            except Exception as err:  # noqa: BLE001  (no compiler, failed build: fall back, say why)
-                last = str(err).strip().splitlines()[-1:] or [""]
-                _STATE["error"] = f"{type(err).__name__}: {last[0]}"
+            _STATE["ext"] = _build()
+            if _STATE["ext"] is None:
                 for hook in AFTER_FAILED_LOAD:
                     hook()
             _STATE["tried"] = True
@@ -74,6 +59,28 @@ def load_extension() -> Path | None:
             if env and _STATE["ext"] is not None:
                 _set_isa(env)
     return _STATE["ext"]
+
+
+def _build() -> Path | None:
+    """Compile (or reuse the cached build) and load; OpenMP threads if the compiler has them, else serial."""
+    from torch.utils import cpp_extension
+
+    flags = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+    errors = []
+    for name, extra in (("lightning_ovsw_cpu", ["-fopenmp"]), ("lightning_ovsw_cpu_serial", [])):
+        build_dir = _build_dir() / name
+        try:
+            build_dir.mkdir(parents=True, exist_ok=True)
+            cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags + extra,
+                               build_directory=str(build_dir), is_python_module=False, verbose=False)
+        except Exception as err:  # noqa: BLE001  (no compiler, failed build: try the next, then say why)
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            errors.append(f"{type(err).__name__}: {first}")
+            continue
+        _STATE["error"] = None
+        return build_dir / f"{name}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
+    _STATE["error"] = "; ".join(errors)
+    return None
 
 
 def build_error() -> str | None:
