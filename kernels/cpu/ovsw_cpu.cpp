@@ -155,56 +155,48 @@ OVSW_AVX2 static inline __m256i popcount_bytes(__m256i v) {
   return _mm256_add_epi8(lo, hi);
 }
 
+// AVX2: the AVX-512 scheme on 256-bit vectors (panels of 8 channels, 4 rows), popcount by vpshufb nibble
+// lookup, summed per 64-bit lane by vpsadbw.
 struct Avx2 {
-  static constexpr int MR = 3, NR = 2;
-  template <int R, int C>
-  OVSW_AVX2 static void tile(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t kw, int32_t* out,
-                             int64_t ldo) {
-    // Byte counts (<= 8 per step) are summed for up to 31 steps in 8-bit lanes, then widened with vpsadbw.
-    __m256i acc[R][C], bytes[R][C];
+  static constexpr int MR = 4, PANEL = 8;
+  template <int R>
+  OVSW_AVX2 static void tile(const u32* a, int64_t lda, const u64* panel, int64_t kw, int32_t* out, int64_t ldo) {
     const __m256i zero = _mm256_setzero_si256();
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < C; ++j) acc[i][j] = bytes[i][j] = zero;
-    auto flush = [&]() __attribute__((target("avx2"))) {
-      for (int i = 0; i < R; ++i)
-        for (int j = 0; j < C; ++j) {
-          acc[i][j] = _mm256_add_epi64(acc[i][j], _mm256_sad_epu8(bytes[i][j], zero));
-          bytes[i][j] = zero;
+    __m256i acc[R][2];
+    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = zero;
+    const int64_t full = kw / 2;
+    for (int64_t q = 0; q <= full; ++q) {
+      if (q == full && !(kw & 1)) break;
+      const u64* bp = panel + q * PANEL;
+      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp));
+      const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 4));
+      for (int i = 0; i < R; ++i) {
+        u64 word;
+        if (q < full) {
+          std::memcpy(&word, a + i * lda + 2 * q, 8);
+        } else {
+          word = a[i * lda + 2 * q];
         }
-    };
-    int64_t k = 0;
-    int steps = 0;
-    for (; k + 8 <= kw; k += 8) {
-      __m256i bv[C];
-      for (int j = 0; j < C; ++j) bv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j * ldb + k));
-      for (int i = 0; i < R; ++i) {
-        __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i * lda + k));
-        for (int j = 0; j < C; ++j)
-          bytes[i][j] = _mm256_add_epi8(bytes[i][j], popcount_bytes(_mm256_xor_si256(av, bv[j])));
-      }
-      if (++steps == 31) {
-        flush();
-        steps = 0;
+        const __m256i av = _mm256_set1_epi64x(static_cast<long long>(word));
+        acc[i][0] = _mm256_add_epi64(acc[i][0], _mm256_sad_epu8(popcount_bytes(_mm256_xor_si256(av, b0)), zero));
+        acc[i][1] = _mm256_add_epi64(acc[i][1], _mm256_sad_epu8(popcount_bytes(_mm256_xor_si256(av, b1)), zero));
       }
     }
-    if (k < kw) {  // the last 1..7 words, through a lane mask
-      const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(kw - k)),
-                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      __m256i bv[C];
-      for (int j = 0; j < C; ++j) bv[j] = _mm256_maskload_epi32(reinterpret_cast<const int*>(b + j * ldb + k), m);
-      for (int i = 0; i < R; ++i) {
-        __m256i av = _mm256_maskload_epi32(reinterpret_cast<const int*>(a + i * lda + k), m);
-        for (int j = 0; j < C; ++j)
-          bytes[i][j] = _mm256_add_epi8(bytes[i][j], popcount_bytes(_mm256_xor_si256(av, bv[j])));
-      }
-    }
-    flush();
     for (int i = 0; i < R; ++i)
-      for (int j = 0; j < C; ++j) {
-        alignas(32) int64_t lanes[4];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[i][j]);
-        out[i * ldo + j] = static_cast<int32_t>(lanes[0] + lanes[1] + lanes[2] + lanes[3]);
+      for (int j = 0; j < 2; ++j) {  // 4 x int64 -> 4 x int32 (values < 2^31)
+        const __m256i lo = _mm256_permutevar8x32_epi32(acc[i][j], _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i * ldo + 4 * j), _mm256_castsi256_si128(lo));
       }
+  }
+
+  OVSW_AVX2 static void rows(const u32* a, int64_t lda, const u64* panel, int64_t kw, int32_t* out, int64_t ldo,
+                             int64_t r) {
+    switch (r) {
+      case 1: return tile<1>(a, lda, panel, kw, out, ldo);
+      case 2: return tile<2>(a, lda, panel, kw, out, ldo);
+      case 3: return tile<3>(a, lda, panel, kw, out, ldo);
+      default: return tile<4>(a, lda, panel, kw, out, ldo);
+    }
   }
 };
 #endif  // __x86_64__
@@ -376,10 +368,12 @@ void gemm(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m, int64
   });
 }
 
-#if defined(__x86_64__)
-void gemm_avx512(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m, int64_t n, int64_t kw,
+// Weights repacked per call into panels of PANEL channels, [k64][PANEL] uint64, for kernels that keep output
+// channels in vector lanes (x86: K = Avx512 or Avx2).
+template <class K>
+void gemm_panels(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m, int64_t n, int64_t kw,
                  const Epilogue& epi) {
-  constexpr int64_t P = Avx512::PANEL;
+  constexpr int64_t P = K::PANEL;
   const int64_t k64 = (kw + 1) / 2, panels = (n + P - 1) / P;
   at::Tensor packed = at::empty({panels * k64 * P}, at::TensorOptions().dtype(at::kLong));  // 64-byte aligned
   u64* bt = reinterpret_cast<u64*>(packed.data_ptr<int64_t>());
@@ -397,7 +391,7 @@ void gemm_avx512(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m
       }
     }
   });
-  const int64_t block_m = balanced_block(m, Avx512::MR);
+  const int64_t block_m = balanced_block(m, K::MR);
   const int64_t tiles_m = (m + block_m - 1) / block_m, tiles_n = (n + BLOCK_N - 1) / BLOCK_N;
   at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t pop[BLOCK_M * BLOCK_N];
@@ -405,21 +399,20 @@ void gemm_avx512(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m
       const int64_t m0 = (t / tiles_n) * block_m, n0 = (t % tiles_n) * BLOCK_N;
       const int64_t m1 = std::min(m, m0 + block_m), n1 = std::min(n, n0 + BLOCK_N);
       for (int64_t j = n0; j < n1; j += P)
-        for (int64_t i = m0; i < m1; i += Avx512::MR)
-          Avx512::rows(a + i * lda, lda, bt + (j / P) * k64 * P, kw, pop + (i - m0) * BLOCK_N + (j - n0), BLOCK_N,
-                       std::min<int64_t>(Avx512::MR, m1 - i));
+        for (int64_t i = m0; i < m1; i += K::MR)
+          K::rows(a + i * lda, lda, bt + (j / P) * k64 * P, kw, pop + (i - m0) * BLOCK_N + (j - n0), BLOCK_N,
+                       std::min<int64_t>(K::MR, m1 - i));
       for (int64_t i = m0; i < m1; ++i) epi(i, pop + (i - m0) * BLOCK_N, n0, n1 - n0);
     }
   });
 }
-#endif
 
 void run_gemm(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m, int64_t n, int64_t kw,
               const Epilogue& epi) {
   switch (get_isa()) {
 #if defined(__x86_64__)
-    case AVX512: return gemm_avx512(a, lda, b, ldb, m, n, kw, epi);
-    case AVX2: return gemm<Avx2>(a, lda, b, ldb, m, n, kw, epi);
+    case AVX512: return gemm_panels<Avx512>(a, lda, b, ldb, m, n, kw, epi);
+    case AVX2: return gemm_panels<Avx2>(a, lda, b, ldb, m, n, kw, epi);
 #endif
 #if defined(__aarch64__)
     case NEON: return gemm<Neon>(a, lda, b, ldb, m, n, kw, epi);
