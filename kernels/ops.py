@@ -269,6 +269,23 @@ def _conv_sign_shape(*args) -> tuple[int, ...]:
     return _conv_shape(*args, torch.float32)
 
 
+def _in_dtype(out_dtype: torch.dtype | None, run: Callable[[torch.dtype | None], Tensor]) -> Tensor:
+    """Run a Triton kernel for ``out_dtype``; float64 (which the kernels do not write) via float32, as the
+    reference computes the epilogue in float32 anyway."""
+    if out_dtype == torch.float64:
+        return run(torch.float32).to(torch.float64)
+    return run(out_dtype)
+
+
+def _linear_triton(tri, x, w, k, scale, bias, residual, out_dtype):
+    return _in_dtype(out_dtype, lambda dt: tri.triton_packed_linear(x, w, k, scale, bias, residual, dt))
+
+
+def _conv_triton(tri, x, w, c, s, p, d, pad_value, scale, bias, residual, out_dtype):
+    return _in_dtype(out_dtype, lambda dt: tri.triton_packed_conv2d(
+        x, w, c, tuple(s), tuple(p), tuple(d), pad_value, scale, bias, residual, dt))
+
+
 def _conv_sign_triton(tri, x, w, c, s, p, d, pad_value, scale, bias, residual):
     y = tri.triton_packed_conv2d(x, w, c, tuple(s), tuple(p), tuple(d), pad_value, scale, bias, residual,
                                  torch.float32)
@@ -279,9 +296,8 @@ _IMPLS = {
     "sign_pack": (reference.sign_pack, lambda tri, x: tri.triton_sign_pack(x), _check_sign_pack),
     "sign_pack_nchw": (_sign_pack_nchw_reference, lambda tri, x: tri.triton_sign_pack_nchw(x),
                        _check_sign_pack_nchw),
-    "packed_linear": (reference.packed_linear, lambda tri, *a: tri.triton_packed_linear(*a), _linear_shape),
-    "packed_conv2d": (_conv_reference, lambda tri, x, w, c, s, p, d, *a: tri.triton_packed_conv2d(
-        x, w, c, tuple(s), tuple(p), tuple(d), *a), _conv_shape),
+    "packed_linear": (reference.packed_linear, _linear_triton, _linear_shape),
+    "packed_conv2d": (_conv_reference, _conv_triton, _conv_shape),
     "packed_conv2d_sign": (_conv_sign_reference, _conv_sign_triton, _conv_sign_shape),
 }
 for _name, (_reference_fn, _cuda_fn, _check) in _IMPLS.items():

@@ -269,3 +269,31 @@ def test_clear_errors():
         ops.packed_conv2d(cx, ref.sign_pack(signs(2, 7, 7, 40)), 40)
     with pytest.raises(ValueError, match="4 dims"):
         ops.packed_conv2d(cx[0], cw, 40)
+
+
+def test_cuda_dispatch_glue_under_the_triton_interpreter():
+    """The functions the CUDA kernels call (argument order, float64 output via float32, fused sign-and-pack)
+    against the reference, run by the Triton interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1
+    without CUDA). On a GPU the same functions run compiled; ``test_triton_cuda.py`` covers the kernels."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest when there is no CUDA)")
+    tri = pytest.importorskip("lightning_ovsw.kernels.triton.ops")
+    x_bits, w_bits = ref.sign_pack(signs(3, 40)), ref.sign_pack(signs(5, 40))
+    cx, cw = ref.sign_pack(signs(1, 5, 4, 33)), ref.sign_pack(signs(6, 3, 3, 33))
+    scale, bias = torch.rand(6) - 0.3, torch.randn(6)
+    geometry = ([2, 1], [1, 1], [1, 1], 0)
+    cases = {
+        "sign_pack": (signs(3, 40),),
+        "sign_pack_nchw": (signs(1, 33, 4, 5),),
+        "packed_linear": (x_bits, w_bits, 40, torch.rand(5), None, None, torch.float64),
+        "packed_conv2d": (cx, cw, 33, *geometry, scale, bias, None, torch.bfloat16),
+        "packed_conv2d_sign": (cx, cw, 33, *geometry, scale, bias, torch.randn(1, 3, 4, 6)),
+    }
+    for name, args in cases.items():
+        reference_fn, cuda_fn, _ = ops._IMPLS[name]
+        got, want = cuda_fn(tri, *args), reference_fn(*args)
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        if want.is_floating_point():  # Triton rounds the epilogue its own way (FMA, bf16 casts): 1 ulp
+            torch.testing.assert_close(got, want)
+        else:
+            assert torch.equal(got, want), name
