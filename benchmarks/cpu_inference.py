@@ -16,6 +16,7 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -178,6 +179,7 @@ def main() -> None:
     parser.add_argument("--arch", choices=["resnet18_1w1a", "torchvision"], default="resnet18_1w1a")
     args = parser.parse_args()
     torch.manual_seed(0)
+    load_start = os.getloadavg()[0]
 
     model, arch = binary_model(args.arch)
     model = calibrate(model)
@@ -245,13 +247,16 @@ def main() -> None:
             print(f"  {r['layer']:<24} {r['shape']:<30} {r['ms']:7.3f} ms {r['share']:6.1%} "
                   f"{r['binary_gops']:8.1f} binary GOP/s")
     print("sizes (bytes): " + json.dumps(sizes))
+    print(f"1-min load average at start / end: {load_start:.2f} / {os.getloadavg()[0]:.2f} "
+          "(above ~0.5 other processes share the cores: the 2-thread numbers suffer most)")
 
     now = datetime.datetime.now(datetime.timezone.utc)
     result = {
         "benchmark": "cpu_inference",
         "date": now.isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": {"cpu": cpu_name(), "machine": platform.machine(), "logical_cpus": torch.get_num_threads()},
+        "device": {"cpu": cpu_name(), "machine": platform.machine(), "logical_cpus": os.cpu_count()},
+        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},  # other processes on the cores
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "lightning_ovsw": lightning_ovsw.__version__,
