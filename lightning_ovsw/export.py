@@ -52,6 +52,7 @@ def export_packed(
             example_input = torch.cat([example_input, example_input])
     with torch.no_grad():
         program = torch.export.export(model, (example_input,), dynamic_shapes=dynamic_shapes)
+    program.example_inputs = None  # not shipped: they would add a full input tensor to the file
     torch.export.save(program, path)
     return os.path.getsize(path)
 
