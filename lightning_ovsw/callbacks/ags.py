@@ -1,0 +1,61 @@
+"""AGS, Adaptive Gradient Scaling (paper Eq. 13-14)."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_ovsw.callbacks._base import OvSWCallback, StepContext
+
+
+class AGSCallback(OvSWCallback):
+    """Per output filter ``i`` of every binary weight (Eq. 14)::
+
+        g = max(||G[i]||, 1e-6);  p = max(||W[i]||, 1e-3)
+        if g / p < delta:  G[i] <- (delta * p / g) * G[i]
+
+    Runs on the true gradient of each optimizer step (see ``callbacks._base``), before SAD and
+    before gradient clipping. Logs ``ags/scaled_fraction`` and ``ags/mean_grad_weight_ratio``.
+
+    Args:
+        delta: the threshold ``lambda`` (0.04 for the CIFAR-10 recipes, 0.01 for ImageNet).
+    """
+
+    order = 0
+
+    def __init__(self, delta: float = 0.04) -> None:
+        super().__init__()
+        if not delta > 0:
+            raise ValueError(f"AGSCallback(delta={delta}): delta must be > 0 (paper: 0.04 CIFAR, 0.01 ImageNet).")
+        self.delta = float(delta)
+        self._scaled = self._filters = self._ratio_sum = None
+
+    @torch.no_grad()
+    def apply(self, ctx: StepContext) -> None:
+        for _, weight in ctx.weights:
+            grad = weight.grad
+            g = grad.flatten(1).norm(dim=1).clamp_min(1e-6)
+            p = weight.flatten(1).norm(dim=1).clamp_min(1e-3)
+            ratio = g / p
+            scale = torch.where(ratio < self.delta, self.delta * p / g, torch.ones_like(g))
+            grad.mul_(scale.view(-1, *([1] * (grad.ndim - 1))).to(grad.dtype))
+            self._accumulate(ratio, ctx.skip)
+
+    def _accumulate(self, ratio: torch.Tensor, skip: torch.Tensor | None) -> None:
+        keep = 1.0 if skip is None else (~skip).float()
+        scaled = (ratio < self.delta).sum().float() * keep
+        ratio_sum = torch.nan_to_num(ratio.sum(), 0.0, 0.0, 0.0) * keep
+        count = ratio.new_tensor(ratio.numel()) * keep
+        if self._scaled is None:
+            self._scaled, self._ratio_sum, self._filters = scaled, ratio_sum, count
+        else:
+            self._scaled, self._ratio_sum, self._filters = (
+                self._scaled + scaled, self._ratio_sum + ratio_sum, self._filters + count,
+            )
+
+    def metrics(self) -> dict[str, float]:
+        if self._filters is None:
+            return {}
+        n = max(self._filters.item(), 1.0)
+        out = {"ags/scaled_fraction": self._scaled.item() / n, "ags/mean_grad_weight_ratio": self._ratio_sum.item() / n}
+        self._scaled = self._filters = self._ratio_sum = None
+        return out

@@ -1,0 +1,141 @@
+"""FlipMonitor: weight sign flipping of every binary layer (the paper's silent-weight analysis)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+from lightning_ovsw.callbacks._base import OvSWCallback, StepContext
+
+
+class FlipMonitor(OvSWCallback):
+    """Per binary layer and overall: flip rate per optimizer step (averaged over the logging interval),
+    silent-weight fraction over the epoch and over the run so far, and at epoch end TensorBoard
+    histograms of ``|W|`` and of per-weight flip counts plus a flip-count-vs-``|W|`` heat map.
+
+    Scalars (``flips/rate/<layer>``, ``flips/silent_run/<layer>``, ``flips/silent_epoch/<layer>``, ``.../all``)
+    go to every logger; a custom-scalars dashboard groups them in TensorBoard. ``flip_counts`` (int32 per
+    weight) is in the checkpoint and is what ``benchmarks/flip_analysis.py`` reads.
+
+    Args:
+        histograms: write histograms and the heat map to TensorBoard at each epoch end.
+        heatmap_bins: bins per axis of the flip-count-vs-``|W|`` image.
+    """
+
+    order = 2
+    needs_signs = True
+
+    def __init__(self, histograms: bool = True, heatmap_bins: int = 64) -> None:
+        super().__init__()
+        if heatmap_bins < 2:
+            raise ValueError(f"FlipMonitor(heatmap_bins={heatmap_bins}): need at least 2 bins.")
+        self.histograms = histograms
+        self.heatmap_bins = heatmap_bins
+        self.flip_counts: dict[str, Tensor] = {}
+        self._epoch_flipped: dict[str, Tensor] = {}
+        self._interval_flips: dict[str, Tensor] = {}
+        self._interval_steps = 0
+        self._weights: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def apply(self, ctx: StepContext) -> None:
+        for name, weight in ctx.weights:
+            flips = ctx.flips(name, weight)
+            self._weights[name] = weight
+            counts = self.flip_counts.get(name)
+            if counts is None:
+                counts = torch.zeros(weight.shape, dtype=torch.int32, device=weight.device)
+            self.flip_counts[name] = counts.to(weight.device) + flips
+            epoch = self._epoch_flipped.get(name)
+            self._epoch_flipped[name] = flips if epoch is None else epoch | flips
+            total = flips.sum()
+            prev = self._interval_flips.get(name)
+            self._interval_flips[name] = total if prev is None else prev + total
+        if ctx.skip is None:
+            self._interval_steps += 1
+        else:
+            self._interval_steps = self._interval_steps + (~ctx.skip).long()
+
+    def rates(self) -> dict[str, float]:
+        """Flip rate per step over the interval, per layer and ``all``; resets the interval."""
+        steps = float(self._interval_steps) if isinstance(self._interval_steps, int) else self._interval_steps.item()
+        out, flips, numel = {}, 0.0, 0
+        for name, total in self._interval_flips.items():
+            n = self.flip_counts[name].numel()
+            out[name] = total.item() / (n * steps) if steps else 0.0
+            flips, numel = flips + total.item(), numel + n
+        out["all"] = flips / (numel * steps) if steps and numel else 0.0
+        self._interval_flips, self._interval_steps = {}, 0
+        return out
+
+    def silent_fractions(self, epoch: bool = False) -> dict[str, float]:
+        """Share of weights that never flipped (over the run, or over the current epoch)."""
+        source = self._epoch_flipped if epoch else {k: v > 0 for k, v in self.flip_counts.items()}
+        out = {name: 1.0 - flipped.float().mean().item() for name, flipped in source.items()}
+        total = sum(f.numel() for f in source.values())
+        if total:
+            out["all"] = 1.0 - sum(f.sum().item() for f in source.values()) / total
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"flips/rate/{k}": v for k, v in self.rates().items()}
+        out.update({f"flips/silent_run/{k}": v for k, v in self.silent_fractions().items()})
+        return out
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        names = [*self._names.values(), "all"]
+        layout = {
+            "OvSW flips": {
+                "flip rate per step": ["Multiline", [f"flips/rate/{n}" for n in names]],
+                "silent weights (run)": ["Multiline", [f"flips/silent_run/{n}" for n in names]],
+                "silent weights (epoch)": ["Multiline", [f"flips/silent_epoch/{n}" for n in names]],
+            },
+            "OvSW gradients": {
+                "AGS": ["Multiline", ["ags/scaled_fraction", "ags/mean_grad_weight_ratio"]],
+                "SAD": ["Multiline", ["sad/penalized_fraction"]],
+            },
+        }
+        for logger in self._tensorboards(trainer):
+            logger.experiment.add_custom_scalars(layout)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = {f"flips/silent_epoch/{k}": v for k, v in self.silent_fractions(epoch=True).items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if self.histograms:
+            for logger in self._tensorboards(trainer):
+                self._write_histograms(logger.experiment, trainer.global_step)
+        self._epoch_flipped = {}
+
+    def _write_histograms(self, writer: Any, step: int) -> None:
+        for name, counts in self.flip_counts.items():
+            magnitude = self._weights[name].detach().abs().float().flatten().cpu()
+            flips = counts.flatten().float().cpu()
+            writer.add_histogram(f"flips/abs_weight/{name}", magnitude, step)
+            writer.add_histogram(f"flips/flip_count/{name}", flips, step)
+            writer.add_image(f"flips/count_vs_abs_weight/{name}", self.heatmap(magnitude, flips), step)
+
+    def heatmap(self, magnitude: Tensor, flips: Tensor) -> Tensor:
+        """``[1, bins, bins]`` image: x = ``|W|``, y = flip count (up), brightness = log(1 + weights)."""
+        b = self.heatmap_bins
+        hist, _ = torch.histogramdd(
+            torch.stack([flips, magnitude], dim=1), bins=[b, b],
+            range=[0.0, max(flips.max().item(), 1.0), 0.0, max(magnitude.max().item(), 1e-12)],
+        )
+        img = torch.log1p(hist).flip(0)
+        return (img / img.max().clamp_min(1e-12)).unsqueeze(0)
+
+    @staticmethod
+    def _tensorboards(trainer: pl.Trainer) -> list[TensorBoardLogger]:
+        return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "flip_counts": dict(self.flip_counts)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.flip_counts = dict(state_dict["flip_counts"])

@@ -1,0 +1,93 @@
+"""SAD, Silence Awareness Decaying (paper Eq. 15-16)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_ovsw.callbacks._base import OvSWCallback, StepContext
+
+TRACKER_INITS = ("zeros", "ones")
+
+
+class SADCallback(OvSWCallback):
+    """Elementwise on every binary weight, once per optimizer step (Eq. 15-16)::
+
+        T <- m * T + (1 - m) * [sign(W) != S_prev]
+        G <- G + penalty * [T < threshold] * W
+        S_prev <- sign(W)
+
+    ``T`` is float32 (initialised to zeros, or ones), ``S_prev`` one bit per weight, shared with
+    ``FlipMonitor``. At the first step ``S_prev`` is taken from the weights (no flip counted).
+    Runs after AGS and before gradient clipping. Logs ``sad/penalized_fraction``.
+
+    Args:
+        penalty: ``sigma`` (9e-4 CIFAR-10, 2e-5 ImageNet).
+        momentum: ``m`` in [0, 1).
+        threshold: ``tau`` > 0.
+        tracker_init: ``"zeros"`` or ``"ones"``.
+    """
+
+    order = 1
+    needs_signs = True
+
+    def __init__(
+        self, penalty: float = 9e-4, momentum: float = 0.999, threshold: float = 1e-4, tracker_init: str = "zeros"
+    ) -> None:
+        super().__init__()
+        if penalty < 0:
+            raise ValueError(f"SADCallback(penalty={penalty}): penalty must be >= 0 (paper: 9e-4 CIFAR, 2e-5 ImageNet).")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"SADCallback(momentum={momentum}): momentum must be in [0, 1) (paper: 0.999).")
+        if not threshold > 0:
+            raise ValueError(f"SADCallback(threshold={threshold}): threshold must be > 0 (paper: 1e-4).")
+        if tracker_init not in TRACKER_INITS:
+            raise ValueError(f"SADCallback(tracker_init={tracker_init!r}): choose one of {TRACKER_INITS}.")
+        self.penalty, self.momentum, self.threshold = float(penalty), float(momentum), float(threshold)
+        self.tracker_init = tracker_init
+        self.trackers: dict[str, Tensor] = {}
+        self._penalized: Tensor | None = None
+        self._total: Tensor | None = None
+
+    @torch.no_grad()
+    def apply(self, ctx: StepContext) -> None:
+        for name, weight in ctx.weights:
+            flips = ctx.flips(name, weight)
+            tracker = self._tracker(name, weight)
+            updated = self.momentum * tracker + (1 - self.momentum) * flips.float()
+            if ctx.skip is not None:
+                updated = torch.where(ctx.skip, tracker, updated)
+            self.trackers[name] = updated
+            silent = updated < self.threshold
+            weight.grad.add_((self.penalty * silent * weight).to(weight.grad.dtype))
+            self._accumulate(silent, ctx.skip)
+
+    def _tracker(self, name: str, weight: Tensor) -> Tensor:
+        tracker = self.trackers.get(name)
+        if tracker is None:
+            fill = 0.0 if self.tracker_init == "zeros" else 1.0
+            tracker = torch.full(weight.shape, fill, dtype=torch.float32, device=weight.device)
+        return tracker.to(weight.device)
+
+    def _accumulate(self, silent: Tensor, skip: Tensor | None) -> None:
+        keep = 1.0 if skip is None else (~skip).float()
+        penalized = silent.sum().float() * keep
+        total = silent.new_tensor(silent.numel(), dtype=torch.float32) * keep
+        self._penalized = penalized if self._penalized is None else self._penalized + penalized
+        self._total = total if self._total is None else self._total + total
+
+    def metrics(self) -> dict[str, float]:
+        if self._total is None:
+            return {}
+        out = {"sad/penalized_fraction": self._penalized.item() / max(self._total.item(), 1.0)}
+        self._penalized = self._total = None
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "trackers": dict(self.trackers)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.trackers = dict(state_dict["trackers"])
