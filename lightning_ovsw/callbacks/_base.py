@@ -48,7 +48,7 @@ class SignState:
         negative = (weight.detach() < 0).reshape(-1)
         if name not in self.prev:
             self.prev[name] = pack_bits(negative)
-            return torch.zeros_like(negative)
+            return torch.zeros_like(weight, dtype=torch.bool)
         prev = unpack_bits(self.prev[name].to(weight.device), negative.numel())
         flipped = negative != prev
         if skip is not None:
