@@ -1,0 +1,79 @@
+"""binarize_model: exactly which modules change, skip rules, filter_fn, shared Parameters, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from lightning_ovsw import BinaryConv2d, BinaryLinear, binarization_summary, binarize_model
+from lightning_ovsw.layers import BinaryLayer
+
+
+def kinds(model):
+    return {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def test_torchvision_resnet18():
+    float_model = torchvision.models.resnet18()
+    model = binarize_model(float_model)
+    before, after = kinds(float_model), kinds(model)
+    convs = [n for n, m in float_model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert after[convs[0]] == "Conv2d" and after[convs[-1]] == "Linear"
+    assert all(after[n] in ("BinaryConv2d", "BinaryLinear") for n in convs[1:-1])
+    assert set(before.values()) == {"Conv2d", "Linear"}  # inplace=False left the original alone
+    assert list(model.state_dict()) == list(float_model.state_dict())
+    model.load_state_dict(float_model.state_dict())  # float checkpoints warm-start
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+
+
+def test_inplace_reuses_parameters_and_optimizer_references():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    weight = model[1].weight
+    out = binarize_model(model, inplace=True)
+    assert out is model and isinstance(model[1], BinaryConv2d) and model[1].weight is weight
+    assert any(p is weight for p in opt.param_groups[0]["params"])
+
+
+def test_skip_rules_and_filter_fn():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    all_binary = binarize_model(model, skip_first=False, skip_last=False)
+    assert sum(isinstance(m, BinaryLayer) for m in all_binary.modules()) == 4
+    assert isinstance(all_binary[4], BinaryLinear)
+    chosen = binarize_model(model, filter_fn=lambda m, name: name == "2")
+    assert [n for n, m in chosen.named_modules() if isinstance(m, BinaryLayer)] == ["2"]
+    opts = binarize_model(model, pad_value=1, scale="none")
+    assert opts[1].options.pad_value == 1 and opts[1].options.scale == "none"
+
+
+def test_grouped_convs_kept_float_or_rejected():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 3), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="groups=4"):
+        out = binarize_model(model)
+    assert type(out[1]) is nn.Conv2d and isinstance(out[2], BinaryConv2d)
+    with pytest.raises(ValueError, match="groups"):
+        binarize_model(model, filter_fn=lambda m, n: True)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="nothing to binarize"):
+        binarize_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 2)))
+    with pytest.raises(TypeError):
+        binarize_model("resnet18")
+    with pytest.raises(ValueError, match="scale"):
+        binarize_model(torchvision.models.resnet18(), scale="per_tensor")
+
+
+def test_summary_counts():
+    model = binarize_model(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 40, 3, padding=1, bias=False),
+                                         nn.Flatten(), nn.Linear(40 * 16, 2)))
+    summary = binarization_summary(model, (1, 3, 4, 4))
+    rows = {r.name: r for r in summary.rows}
+    assert rows["1"].precision == "1-bit" and rows["0"].precision == "float32"
+    assert rows["1"].packed_bytes == 40 * ((8 * 9 + 31) // 32) * 4 + 40 * 4  # bits + alpha
+    assert rows["1"].macs == 16 * 40 * 72 and rows["0"].macs == 16 * 8 * 27
+    assert summary.binary_macs == rows["1"].macs
+    assert summary.latent_bytes == 4 * sum(p.numel() for p in model.parameters())
+    assert "compression" in str(summary)
