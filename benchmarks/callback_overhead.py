@@ -45,7 +45,7 @@ def run(model_name: str, callbacks: list, batch: int, steps: int, precision: str
     data = TensorDataset(torch.randn(batch * steps, 3, size, size), torch.randint(0, 10, (batch * steps,)))
     timer = StepTimer(warmup=5)
     trainer = pl.Trainer(
-        max_steps=steps, accelerator="auto", devices=1, precision=precision, logger=False,
+        max_epochs=1, accelerator="auto", devices=1, precision=precision, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[*callbacks, timer],
     )
