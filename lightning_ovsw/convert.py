@@ -72,7 +72,7 @@ def binarize_model(
             cls = BinaryConv2d if isinstance(module, nn.Conv2d) else BinaryLinear
             swaps[id(module)] = cls.from_float(module, **layer_options)
     if kept_unsupported:
-        warnings.warn(f"binarize_model kept these layers in full precision: {', '.join(kept_unsupported)}.")
+        warnings.warn(f"binarize_model kept these layers in full precision: {', '.join(kept_unsupported)}.", stacklevel=2)
     if not swaps:
         raise ValueError(
             f"binarize_model found nothing to binarize in {type(model).__name__}: {len(candidates)} conv/linear "

@@ -7,9 +7,10 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_callbacks import DELTA, M, SIGMA, TAU, Module, make_data, make_model  # noqa: E402
+from test_callbacks import DELTA, SIGMA, TAU, M, Module, make_data, make_model  # noqa: E402
 
 from lightning_ovsw import AGSCallback, SADCallback  # noqa: E402
+
 
 class ShardedModule(Module):
     """Rank r trains on samples r, r + n, ...: its 16 / n per step are its share of the global batch of 16."""

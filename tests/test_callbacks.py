@@ -135,7 +135,7 @@ def test_trainer_matches_plain_loop(case):
         assert torch.equal(sad.trackers["model." + name], t)
     # the run changed something: OvSW is not a no-op on this model
     plain, _ = reference_loop(make_model(), data, steps, case.get("accumulate", 1), case.get("clip"), ags=False, sad=False)
-    assert any(not torch.equal(p, q) for p, q in zip(plain.parameters(), ref.parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(plain.parameters(), ref.parameters(), strict=True))
 
 
 def test_only_ags_and_only_sad_match_loop():

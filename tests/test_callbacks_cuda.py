@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_cuda
-from test_callbacks import DELTA, LR, M, SIGMA, TAU, WD, Module, binary_named, make_data, make_model
+from test_callbacks import DELTA, LR, SIGMA, TAU, WD, M, Module, binary_named, make_data, make_model
 from torch.utils.data import DataLoader
 
 from lightning_ovsw import AGSCallback, FlipMonitor, SADCallback
@@ -23,7 +23,7 @@ def reference_amp_loop(model, data, steps, dtype):
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     weights = binary_named(model)
     prev, tracker = {}, {n: torch.zeros_like(w) for n, w in weights}
-    for (x, y), _ in zip(DataLoader(data, batch_size=8), range(steps)):
+    for (x, y), _ in zip(DataLoader(data, batch_size=8), range(steps), strict=False):
         x, y = x.cuda(), y.cuda()
         with torch.autocast("cuda", dtype=dtype):
             loss = F.cross_entropy(model(x), y)
@@ -31,7 +31,7 @@ def reference_amp_loop(model, data, steps, dtype):
         scaler.unscale_(opt)
         finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
         with torch.no_grad():
-            for n, w in weights:
+            for _, w in weights:
                 g = w.grad.flatten(1).norm(dim=1).clamp_min(1e-6)
                 p = w.flatten(1).norm(dim=1).clamp_min(1e-3)
                 w.grad.mul_(torch.where(g / p < DELTA, DELTA * p / g, torch.ones_like(g)).view(-1, *[1] * (w.ndim - 1)))
@@ -59,7 +59,7 @@ def test_amp_trainer_matches_plain_loop(precision, dtype):
         enable_progress_bar=False, enable_model_summary=False,
         callbacks=[FlipMonitor(histograms=False), sad, AGSCallback(DELTA)],
     ).fit(module, DataLoader(data, batch_size=8))
-    for (name, p), q in zip(module.model.named_parameters(), ref.parameters()):
+    for (name, p), q in zip(module.model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     for name, t in ref_tracker.items():
         torch.testing.assert_close(sad.trackers["model." + name], t)
