@@ -152,11 +152,10 @@ def binarization_summary(model: nn.Module, example_input: torch.Tensor | tuple[i
         for name, m in model.named_modules():
             if isinstance(m, (nn.Conv2d, nn.Linear, PackedConv2d, PackedLinear)):
                 def hook(mod, inp, out, name=name):
-                    per_out = out.shape[1] if out.ndim == 4 else out.shape[-1]
                     k = (mod.weight[0].numel() if hasattr(mod, "weight") and mod.weight is not None
                          else mod.in_features if isinstance(mod, PackedLinear)
                          else mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1])
-                    macs[name] = out.numel() // max(per_out, 1) * per_out * k // max(out.shape[0], 1)
+                    macs[name] = out[0].numel() * k  # per sample: every output element costs k MACs
                 hooks.append(m.register_forward_hook(hook))
         was_training = model.training
         try:
