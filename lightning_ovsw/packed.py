@@ -220,3 +220,22 @@ def packed_nbytes(module: nn.Module) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
+
+
+def warmup(model: nn.Module, *example_inputs: Tensor) -> Tensor:
+    """Run ``model`` once without gradients so that every packed op tunes itself for these shapes; returns
+    the output.
+
+    On CUDA, the first call of a packed op on a new shape autotunes its Triton kernel and may time the
+    two-pass path against it: timing is not allowed while a CUDA graph is captured. Call this with inputs
+    of the shapes and dtypes to be captured, then capture (``torch.cuda.graph`` or
+    ``torch.compile(mode="reduce-overhead")``); a packed op that meets an unseen shape during capture
+    raises an error that says so. Harmless (one forward pass) on CPU.
+    """
+    if not example_inputs:
+        raise ValueError("warmup needs at least one example input of the shape to be captured.")
+    with torch.no_grad():
+        out = model(*example_inputs)
+    if any(isinstance(x, Tensor) and x.is_cuda for x in example_inputs):
+        torch.cuda.synchronize()
+    return out

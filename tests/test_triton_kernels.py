@@ -205,6 +205,34 @@ def test_packed_conv2d_autotuned_default_and_int_arguments() -> None:
     assert torch.equal(out, reference.packed_conv2d(xb, wb, 20, (1, 1), (1, 1), (1, 1), 1))
 
 
+# --------------------------------------------------------------------------- CUDA graph capture guard
+
+
+def test_capture_needs_a_warmed_shape(monkeypatch) -> None:
+    """While a stream captures, a shape that never ran eagerly is refused (it would autotune and time
+    kernels); after one eager run the same shape launches from the cache and stays exact."""
+    xb, wb = packed(2, 6, 6, 50), packed(9, 3, 3, 50)
+    a, b = packed(11, 70), packed(13, 70)
+    monkeypatch.setattr(ops, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="warmup"):
+        ops.triton_packed_conv2d(xb, wb, 50, 1, 1, 1, 0)
+    with pytest.raises(RuntimeError, match="warmup"):
+        ops.triton_packed_linear(a, b, 70, out_dtype=torch.float16)
+    monkeypatch.setattr(ops, "_capturing", lambda device: False)
+    ops.triton_packed_conv2d(xb, wb, 50, 1, 1, 1, 0)
+    ops.triton_packed_linear(a, b, 70, out_dtype=torch.float16)
+    monkeypatch.setattr(ops, "_capturing", lambda device: True)
+    out = ops.triton_packed_conv2d(xb, wb, 50, 1, 1, 1, 0)
+    assert torch.equal(out, reference.packed_conv2d(xb, wb, 50, (1, 1), (1, 1), (1, 1), 0))
+    lin = ops.triton_packed_linear(a, b, 70, out_dtype=torch.float16)
+    assert torch.equal(lin, reference.packed_linear(a, b, 70, out_dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="warmup"):  # another output dtype is another tuning key
+        ops.triton_packed_linear(a, b, 70, out_dtype=torch.bfloat16)
+    # a pinned config needs no tuning
+    pinned = ops.triton_packed_linear(a, b, 70, config=gemm.INTERPRET_CONFIGS[ops.POPC])
+    assert torch.equal(pinned, reference.packed_gemm(a, b, 70))
+
+
 # --------------------------------------------------------------------------- bad input
 
 

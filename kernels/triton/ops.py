@@ -6,6 +6,10 @@ None they return the raw int32 accumulator, like the reference. ``mode`` / ``con
 inner-product mode or one launch config (tests, benchmarks). By default autotuning picks the config and
 in-kernel mode per shape, and for large shapes the two-pass path (``DENSE_*``: unpack to bytes, then a
 dense ``tl.dot`` kernel) is timed against it once per shape and used when faster.
+
+CUDA graphs: that tuning times kernels, which a stream capture forbids. Run each shape once eagerly
+before capturing (``lightning_ovsw.packed.warmup``); a shape that was never run raises a clear error
+while the current stream is capturing instead of failing inside Triton. Pinned configs need no warm-up.
 Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (and the two-pass path only when asked).
 """
 
@@ -146,6 +150,29 @@ def _unpack(bits: Tensor, k: int, mode: int) -> Tensor:
 
 
 _PREFER_DENSE: dict[tuple, bool] = {}
+#: Keys of the shapes whose autotuned launch (config and two-pass choice) has run outside a capture.
+_TUNED: set[tuple] = set()
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph (where kernels cannot be timed)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _tuned_launch(key: tuple, device: torch.device, launch) -> None:
+    """Run ``launch`` (which may autotune and time); inside a CUDA graph capture only for a ``key`` that
+    already ran eagerly, so that every choice is cached and the capture records plain launches."""
+    if _capturing(device):
+        if key not in _TUNED:
+            raise RuntimeError(
+                f"lightning_ovsw: the packed {key[0]} kernel has not been tuned for this shape yet and cannot "
+                "be timed while a CUDA graph is being captured. Run the model once eagerly on an input of "
+                "the same shape and dtype before capturing, e.g. lightning_ovsw.packed.warmup(model, x)."
+            )
+        launch()
+        return
+    launch()
+    _TUNED.add(key)
 
 
 def _prefer_dense(key: tuple, packed_run, dense_run) -> bool:
@@ -261,14 +288,20 @@ def triton_packed_linear(
         a8, b8 = _unpack(a, k, mode), _unpack(b, k, mode)
         _launch(dense_gemm_tuned, dense_gemm_kernel, grid, (a8, b8, *epi, m, n, kw * 32), flags, mode, config)
 
-    dense = _auto_dense_mode() if mode is None and config is None and m >= 256 and n >= 256 else None
-    if mode in (DENSE_I8, DENSE_F8) or (config is not None and config.kwargs["MODE"] in (DENSE_I8, DENSE_F8)):
-        dense_run(mode if config is None else config.kwargs["MODE"])
-    elif dense is not None and _prefer_dense(("gemm", m, n, kw, *flags.values()), packed_run,
-                                             lambda: dense_run(dense)):
-        dense_run(dense)
+    def run() -> None:
+        dense = _auto_dense_mode() if mode is None and config is None and m >= 256 and n >= 256 else None
+        if mode in (DENSE_I8, DENSE_F8) or (config is not None and config.kwargs["MODE"] in (DENSE_I8, DENSE_F8)):
+            dense_run(mode if config is None else config.kwargs["MODE"])
+        elif dense is not None and _prefer_dense(("gemm", m, n, kw, *flags.values()), packed_run,
+                                                 lambda: dense_run(dense)):
+            dense_run(dense)
+        else:
+            packed_run()
+
+    if config is not None:
+        run()
     else:
-        packed_run()
+        _tuned_launch(("gemm", m, n, kw, mode, out.dtype, _dtype(residual), *flags.values()), out.device, run)
     return out
 
 
@@ -339,15 +372,26 @@ def triton_packed_conv2d(
         _launch(dense_conv_tuned, dense_conv_kernel, grid, (x8, w8, *epi, m, cout, in_channels, cw * 32,
                                                              *geometry), flags, mode, config)
 
-    dense = _auto_dense_mode() if mode is None and config is None and m >= 1024 and cout >= 64 else None
-    if mode in (DENSE_I8, DENSE_F8) or (config is not None and config.kwargs["MODE"] in (DENSE_I8, DENSE_F8)):
-        dense_run(mode if config is None else config.kwargs["MODE"])
-    elif dense is not None and _prefer_dense(("conv", m, cout, cw, *geometry, *flags.values()), packed_run,
-                                             lambda: dense_run(dense)):
-        dense_run(dense)
+    def run() -> None:
+        dense = _auto_dense_mode() if mode is None and config is None and m >= 1024 and cout >= 64 else None
+        if mode in (DENSE_I8, DENSE_F8) or (config is not None and config.kwargs["MODE"] in (DENSE_I8, DENSE_F8)):
+            dense_run(mode if config is None else config.kwargs["MODE"])
+        elif dense is not None and _prefer_dense(("conv", m, cout, cw, *geometry, *flags.values()), packed_run,
+                                                 lambda: dense_run(dense)):
+            dense_run(dense)
+        else:
+            packed_run()
+
+    if config is not None:
+        run()
     else:
-        packed_run()
+        key = ("conv", m, cout, in_channels, *geometry, mode, out.dtype, _dtype(residual), *flags.values())
+        _tuned_launch(key, out.device, run)
     return out
+
+
+def _dtype(t: Tensor | None) -> torch.dtype | None:
+    return None if t is None else t.dtype
 
 
 def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
