@@ -163,7 +163,7 @@ def test_resume_matches_uninterrupted(tmp_path):
     for name, t in full_cbs[1].trackers.items():
         assert torch.equal(resumed_cbs[1].trackers[name], t)
         assert torch.equal(resumed_cbs[2].flip_counts[name], full_cbs[2].flip_counts[name])
-        assert torch.equal(resumed_cbs[1]._signs.prev[name], full_cbs[1]._signs.prev[name])
+        assert torch.equal(resumed_cbs[1]._signs.by_name()[name], full_cbs[1]._signs.by_name()[name])
 
 
 def test_skipped_amp_step_advances_no_state():
@@ -197,14 +197,16 @@ def test_skipped_amp_step_advances_no_state():
 
 
 def test_flip_monitor_exact_on_hand_built_trajectory():
-    from lightning_ovsw.callbacks._base import SignState, StepContext
+    from lightning_ovsw.callbacks._base import FlatStep
+    from lightning_ovsw.callbacks._flat import FlatLayout, SignState
 
     w = nn.Parameter(torch.tensor([[1.0, -1.0, 2.0, 0.0]]))
     trajectory = [[1, -1, 2, 0], [-1, -1, 2, -0.0], [1, -1, 2, -1], [1, 1, 2, -2]]
-    monitor, signs = FlipMonitor(histograms=False), SignState()
+    monitor = FlipMonitor(histograms=False)
+    monitor._peers, monitor._signs, layout = [monitor], SignState(), FlatLayout([("fc", w)])
     for values in trajectory:
         w.data = torch.tensor([values], dtype=torch.float32)
-        monitor.apply(StepContext([("fc", w)], None, signs))
+        monitor.run_step(FlatStep(layout, {"fc": w}, None))
     # flips per step: [0], [1 (w0)], [1 (w0), 1 (w3)], [1 (w1)]; -0.0 is +1 so step 2 has no w3 flip
     assert monitor.flip_counts["fc"].tolist() == [[2, 1, 0, 1]]
     rates = monitor.rates()

@@ -8,6 +8,7 @@ fixed order AGS -> SAD -> FlipMonitor, so the order the user lists them in does 
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -16,68 +17,33 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_ovsw.callbacks._flat import FlatLayout, SignState
+from lightning_ovsw.callbacks._update import sign_update_
 from lightning_ovsw.registry import binary_weights
 
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
+class FlatStep:
+    """One optimizer step as the callbacks see it: its binary weights and their gradients as flat
+    float32 vectors in ``layout`` order (copies; the gradient gathered on first use), and the GradScaler's
+    skip flag (or None).
 
-def pack_bits(mask: Tensor) -> Tensor:
-    """Pack a flat bool tensor into uint8 (8 per byte, LSB first)."""
-    pad = (-mask.numel()) % 8
-    bits = torch.cat([mask.reshape(-1), mask.new_zeros(pad)]).view(-1, 8).to(torch.uint8)
-    return (bits * _BIT_WEIGHTS.to(mask.device)).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: Tensor, numel: int) -> Tensor:
-    """Inverse of ``pack_bits``: a flat bool tensor of ``numel`` elements."""
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].bool()
-
-
-class SignState:
-    """Signs of every binary weight one optimizer step ago, one bit per weight (``1`` = negative).
-
-    ``flips`` compares the current signs with them, returns the flip mask (``sign(W) != S_prev``) and
-    stores the current signs; on a step the GradScaler skips nothing is stored and no flip is counted.
+    Callbacks that change ``grad`` set ``grad_changed``; the leader then copies it back into the
+    parameters' ``.grad`` with one multi-tensor copy.
     """
 
-    def __init__(self) -> None:
-        self.prev: dict[str, Tensor] = {}
-
-    def flips(self, name: str, weight: Tensor, skip: Tensor | None) -> Tensor:
-        negative = (weight.detach() < 0).reshape(-1)
-        if name not in self.prev:
-            self.prev[name] = pack_bits(negative)
-            return torch.zeros_like(weight, dtype=torch.bool)
-        prev = unpack_bits(self.prev[name].to(weight.device), negative.numel())
-        flipped = negative != prev
-        if skip is not None:
-            flipped = flipped & ~skip
-            negative = torch.where(skip, prev, negative)
-        self.prev[name] = pack_bits(negative)
-        return flipped.view_as(weight)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return dict(self.prev)
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.prev = dict(state)
-
-
-class StepContext:
-    """What one optimizer step gives the callbacks: the binary weights it updates, once-computed flips."""
-
-    def __init__(self, weights: list[tuple[str, Tensor]], skip: Tensor | None, signs: SignState | None):
-        self.weights = weights
+    def __init__(self, layout: FlatLayout, params: dict[str, Tensor], skip: Tensor | None) -> None:
+        self.layout = layout
+        self.params = [params[n] for n in layout.names]
+        self.weights = layout.gather(params)
         self.skip = skip
-        self._signs = signs
-        self._flips: dict[str, Tensor] = {}
+        self.grad_changed = False
 
-    def flips(self, name: str, weight: Tensor) -> Tensor:
-        if name not in self._flips:
-            assert self._signs is not None
-            self._flips[name] = self._signs.flips(name, weight, self.skip)
-        return self._flips[name]
+    @cached_property
+    def grad(self) -> Tensor:
+        return self.layout.gather({n: p.grad for n, p in zip(self.layout.names, self.params, strict=True)})
+
+    def write_back(self) -> None:
+        torch._foreach_copy_([p.grad for p in self.params], list(self.layout.split(self.grad).values()))
 
 
 def _found_inf(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Tensor | None:
@@ -93,7 +59,12 @@ def _found_inf(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> Tensor 
 
 
 class OvSWCallback(Callback):
-    """Base of AGS, SAD and FlipMonitor: discovery, ordering, sharing, logging cadence."""
+    """Base of AGS, SAD and FlipMonitor: discovery, ordering, the fused step, logging cadence.
+
+    Each step the leader gathers the step's binary weights and gradients once (``FlatStep``), lets every
+    callback ``transform`` the flat gradient (AGS), runs one fused sign update that serves SAD and
+    FlipMonitor together (``sign_inputs`` / ``after_signs``), and copies the gradient back once.
+    """
 
     order: ClassVar[int]
     needs_signs: ClassVar[bool] = False
@@ -103,6 +74,7 @@ class OvSWCallback(Callback):
         self._peers: list[OvSWCallback] = []
         self._signs: SignState | None = None
         self._names: dict[int, str] = {}
+        self._layouts: dict[tuple[int, ...], FlatLayout] = {}
         self._steps = 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -120,6 +92,7 @@ class OvSWCallback(Callback):
                 "model with lightning_ovsw.binarize_model(...) or use the zoo in lightning_ovsw.models."
             )
         self._names = {id(p): n for n, p in weights}
+        self._layouts = {}
         peers = [cb for cb in trainer.callbacks if isinstance(cb, OvSWCallback)]
         self._leader = peers[0] is self
         if self._leader:
@@ -128,7 +101,7 @@ class OvSWCallback(Callback):
             for cb in self._peers:
                 if cb.needs_signs:
                     if cb._signs is not None and cb._signs is not shared:
-                        shared.prev.update(cb._signs.prev)
+                        shared.load_state_dict({**cb._signs.by_name(), **shared.by_name()})
                     cb._signs = shared
 
     def on_before_optimizer_step(
@@ -136,30 +109,51 @@ class OvSWCallback(Callback):
     ) -> None:
         if not self._leader:
             return
-        weights = [
-            (self._names[id(p)], p)
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if id(p) in self._names and p.grad is not None
+        params = [
+            p for group in optimizer.param_groups for p in group["params"] if id(p) in self._names and p.grad is not None
         ]
-        if not weights:
+        if not params:
             return
-        ctx = StepContext(weights, _found_inf(trainer, optimizer), self._peers_signs())
+        key = tuple(id(p) for p in params)
+        if key not in self._layouts:
+            self._layouts[key] = FlatLayout([(self._names[id(p)], p) for p in params])
+        self.run_step(FlatStep(self._layouts[key], {self._names[id(p)]: p for p in params}, _found_inf(trainer, optimizer)))
         for cb in self._peers:
-            cb._steps += 1
-            cb.apply(ctx)
             if cb._steps % trainer.log_every_n_steps == 0:
                 metrics = cb.metrics()
                 if metrics:
                     for logger in trainer.loggers:
                         logger.log_metrics(metrics, step=trainer.global_step)
 
-    def _peers_signs(self) -> SignState | None:
-        return next((cb._signs for cb in self._peers if cb._signs is not None), None)
+    def run_step(self, step: FlatStep) -> None:
+        """The leader's work for one optimizer step: every peer's gradient transform (AGS), one fused sign
+        update for SAD and FlipMonitor, one copy of the gradient back into the parameters."""
+        for cb in self._peers:
+            cb._steps += 1
+            cb.transform(step)
+        inputs: dict[str, Any] = {}
+        for cb in self._peers:
+            inputs.update(cb.sign_inputs(step))
+        if inputs:
+            bits = self._signs_of_peers().for_layout(step.layout, step.weights)
+            silent = sign_update_(step.weights, bits, step.skip, **inputs)
+            for cb in self._peers:
+                cb.after_signs(step, silent)
+        if step.grad_changed:
+            step.write_back()
 
-    def apply(self, ctx: StepContext) -> None:
-        """Act on this step's gradients (and state)."""
-        raise NotImplementedError
+    def _signs_of_peers(self) -> SignState:
+        return next(cb._signs for cb in self._peers if cb._signs is not None)
+
+    def transform(self, step: FlatStep) -> None:
+        """Change ``step.grad`` in place (and set ``step.grad_changed``); AGS does."""
+
+    def sign_inputs(self, step: FlatStep) -> dict[str, Any]:
+        """Keyword arguments this callback adds to the step's one ``sign_update_`` call."""
+        return {}
+
+    def after_signs(self, step: FlatStep, silent: Tensor | None) -> None:
+        """Called after the sign update with its silent-weight count (or None)."""
 
     def metrics(self) -> dict[str, float]:
         """Scalars averaged over the logging interval (read from the device only here); resets them."""

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
-from lightning_ovsw.callbacks._base import OvSWCallback, StepContext
+from lightning_ovsw.callbacks._base import FlatStep, OvSWCallback
+from lightning_ovsw.callbacks._update import ags_scale_
 
 
 class AGSCallback(OvSWCallback):
@@ -14,7 +13,8 @@ class AGSCallback(OvSWCallback):
         if g / p < delta:  G[i] <- (delta * p / g) * G[i]
 
     Runs on the true gradient of each optimizer step (see ``callbacks._base``), before SAD and
-    before gradient clipping. Logs ``ags/scaled_fraction`` and ``ags/mean_grad_weight_ratio``.
+    before gradient clipping, over all binary weights at once (one kernel on CUDA). Logs
+    ``ags/scaled_fraction`` and ``ags/mean_grad_weight_ratio``.
 
     Args:
         delta: the threshold ``lambda`` (0.04 for the CIFAR-10 recipes, 0.01 for ImageNet).
@@ -29,21 +29,12 @@ class AGSCallback(OvSWCallback):
         self.delta = float(delta)
         self._scaled = self._filters = self._ratio_sum = None
 
-    @torch.no_grad()
-    def apply(self, ctx: StepContext) -> None:
-        for _, weight in ctx.weights:
-            grad = weight.grad
-            g = grad.flatten(1).norm(dim=1).clamp_min(1e-6)
-            p = weight.flatten(1).norm(dim=1).clamp_min(1e-3)
-            ratio = g / p
-            scale = torch.where(ratio < self.delta, self.delta * p / g, torch.ones_like(g))
-            grad.mul_(scale.view(-1, *([1] * (grad.ndim - 1))).to(grad.dtype))
-            self._accumulate(ratio, ctx.skip)
-
-    def _accumulate(self, ratio: torch.Tensor, skip: torch.Tensor | None) -> None:
-        keep = 1.0 if skip is None else (~skip).float()
+    def transform(self, step: FlatStep) -> None:
+        ratio = ags_scale_(step.layout, step.weights, step.grad, self.delta)
+        step.grad_changed = True
+        keep = 1.0 if step.skip is None else (~step.skip).float()
         scaled = (ratio < self.delta).sum().float() * keep
-        ratio_sum = torch.nan_to_num(ratio.sum(), 0.0, 0.0, 0.0) * keep
+        ratio_sum = ratio.nan_to_num(0.0, 0.0, 0.0).sum() * keep
         count = ratio.new_tensor(ratio.numel()) * keep
         if self._scaled is None:
             self._scaled, self._ratio_sum, self._filters = scaled, ratio_sum, count

@@ -9,7 +9,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from lightning_ovsw.callbacks._base import OvSWCallback, StepContext
+from lightning_ovsw.callbacks._base import FlatStep, OvSWCallback
+from lightning_ovsw.callbacks._flat import FlatState
 
 
 class FlipMonitor(OvSWCallback):
@@ -35,50 +36,50 @@ class FlipMonitor(OvSWCallback):
             raise ValueError(f"FlipMonitor(heatmap_bins={heatmap_bins}): need at least 2 bins.")
         self.histograms = histograms
         self.heatmap_bins = heatmap_bins
-        self.flip_counts: dict[str, Tensor] = {}
-        self._epoch_flipped: dict[str, Tensor] = {}
-        self._interval_flips: dict[str, Tensor] = {}
-        self._interval_steps = 0
+        self._counts = FlatState(torch.int32, 0)
+        self._epoch_start: dict[str, Tensor] = {}
+        self._interval_start: dict[str, Tensor] = {}
+        self._interval_steps: int | Tensor = 0
         self._weights: dict[str, Tensor] = {}
 
-    @torch.no_grad()
-    def apply(self, ctx: StepContext) -> None:
-        for name, weight in ctx.weights:
-            flips = ctx.flips(name, weight)
-            self._weights[name] = weight
-            counts = self.flip_counts.get(name)
-            if counts is None:
-                counts = torch.zeros(weight.shape, dtype=torch.int32, device=weight.device)
-            self.flip_counts[name] = counts.to(weight.device) + flips
-            epoch = self._epoch_flipped.get(name)
-            self._epoch_flipped[name] = flips if epoch is None else epoch | flips
-            total = flips.sum()
-            prev = self._interval_flips.get(name)
-            self._interval_flips[name] = total if prev is None else prev + total
-        if ctx.skip is None:
-            self._interval_steps += 1
-        else:
-            self._interval_steps = self._interval_steps + (~ctx.skip).long()
+    @property
+    def flip_counts(self) -> dict[str, Tensor]:
+        """How often each weight changed sign so far (int32, shaped like the weight), by parameter name."""
+        return self._counts.by_name()
+
+    def sign_inputs(self, step: FlatStep) -> dict[str, Any]:
+        return {"counts": self._counts.for_layout(step.layout)}
+
+    def after_signs(self, step: FlatStep, silent: Tensor | None) -> None:
+        self._weights.update(zip(step.layout.names, step.params, strict=True))
+        self._interval_steps = self._interval_steps + (1 if step.skip is None else (~step.skip).long())
 
     def rates(self) -> dict[str, float]:
-        """Flip rate per step over the interval, per layer and ``all``; resets the interval."""
-        steps = float(self._interval_steps) if isinstance(self._interval_steps, int) else self._interval_steps.item()
+        """Flip rate per step over the interval, per layer and ``all``; resets the interval.
+
+        Flips in the interval are the growth of ``flip_counts`` since the last call (read only here).
+        """
+        steps = float(self._interval_steps)
+        totals = {name: counts.sum(dtype=torch.int64) for name, counts in self.flip_counts.items()}
         out, flips, numel = {}, 0.0, 0
-        for name, total in self._interval_flips.items():
-            n = self.flip_counts[name].numel()
-            out[name] = total.item() / (n * steps) if steps else 0.0
-            flips, numel = flips + total.item(), numel + n
+        for name, counts in self.flip_counts.items():
+            interval = (totals[name] - self._interval_start.get(name, 0)).item()
+            out[name] = interval / (counts.numel() * steps) if steps else 0.0
+            flips, numel = flips + interval, numel + counts.numel()
         out["all"] = flips / (numel * steps) if steps and numel else 0.0
-        self._interval_flips, self._interval_steps = {}, 0
+        self._interval_start, self._interval_steps = totals, 0
         return out
 
     def silent_fractions(self, epoch: bool = False) -> dict[str, float]:
         """Share of weights that never flipped (over the run, or over the current epoch)."""
-        source = self._epoch_flipped if epoch else {k: v > 0 for k, v in self.flip_counts.items()}
-        out = {name: 1.0 - flipped.float().mean().item() for name, flipped in source.items()}
-        total = sum(f.numel() for f in source.values())
+        flipped = {
+            name: counts > self._epoch_start.get(name, 0) if epoch else counts > 0
+            for name, counts in self.flip_counts.items()
+        }
+        out = {name: 1.0 - f.float().mean().item() for name, f in flipped.items()}
+        total = sum(f.numel() for f in flipped.values())
         if total:
-            out["all"] = 1.0 - sum(f.sum().item() for f in source.values()) / total
+            out["all"] = 1.0 - sum(f.sum().item() for f in flipped.values()) / total
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -109,7 +110,9 @@ class FlipMonitor(OvSWCallback):
         if self.histograms:
             for logger in self._tensorboards(trainer):
                 self._write_histograms(logger.experiment, trainer.global_step)
-        self._epoch_flipped = {}
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = {name: counts.clone() for name, counts in self.flip_counts.items()}
 
     def _write_histograms(self, writer: Any, step: int) -> None:
         for name, counts in self.flip_counts.items():
@@ -134,8 +137,9 @@ class FlipMonitor(OvSWCallback):
         return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "flip_counts": dict(self.flip_counts)}
+        return {**super().state_dict(), "flip_counts": self.flip_counts}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.flip_counts = dict(state_dict["flip_counts"])
+        self._counts.load(state_dict["flip_counts"])
+        self._interval_start = {name: counts.sum(dtype=torch.int64) for name, counts in self.flip_counts.items()}

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ovsw.callbacks._base import OvSWCallback, StepContext
+from lightning_ovsw.callbacks._base import FlatStep, OvSWCallback
+from lightning_ovsw.callbacks._flat import FlatState
 
 TRACKER_INITS = ("zeros", "ones")
 
@@ -21,7 +22,8 @@ class SADCallback(OvSWCallback):
 
     ``T`` is float32 (initialised to zeros, or ones), ``S_prev`` one bit per weight, shared with
     ``FlipMonitor``. At the first step ``S_prev`` is taken from the weights (no flip counted).
-    Runs after AGS and before gradient clipping. Logs ``sad/penalized_fraction``.
+    Runs after AGS and before gradient clipping, over all binary weights at once in one fused update
+    with FlipMonitor's (one kernel on CUDA). Logs ``sad/penalized_fraction``.
 
     Args:
         penalty: ``sigma`` (9e-4 CIFAR-10, 2e-5 ImageNet).
@@ -47,35 +49,27 @@ class SADCallback(OvSWCallback):
             raise ValueError(f"SADCallback(tracker_init={tracker_init!r}): choose one of {TRACKER_INITS}.")
         self.penalty, self.momentum, self.threshold = float(penalty), float(momentum), float(threshold)
         self.tracker_init = tracker_init
-        self.trackers: dict[str, Tensor] = {}
+        self._trackers = FlatState(torch.float32, 0.0 if tracker_init == "zeros" else 1.0)
         self._penalized: Tensor | None = None
         self._total: Tensor | None = None
 
-    @torch.no_grad()
-    def apply(self, ctx: StepContext) -> None:
-        for name, weight in ctx.weights:
-            flips = ctx.flips(name, weight)
-            tracker = self._tracker(name, weight)
-            updated = self.momentum * tracker + (1 - self.momentum) * flips.float()
-            if ctx.skip is not None:
-                updated = torch.where(ctx.skip, tracker, updated)
-            self.trackers[name] = updated
-            silent = updated < self.threshold
-            weight.grad.add_((self.penalty * silent * weight).to(weight.grad.dtype))
-            self._accumulate(silent, ctx.skip)
+    @property
+    def trackers(self) -> dict[str, Tensor]:
+        """``T`` of every binary weight seen so far, by parameter name."""
+        return self._trackers.by_name()
 
-    def _tracker(self, name: str, weight: Tensor) -> Tensor:
-        tracker = self.trackers.get(name)
-        if tracker is None:
-            fill = 0.0 if self.tracker_init == "zeros" else 1.0
-            tracker = torch.full(weight.shape, fill, dtype=torch.float32, device=weight.device)
-        return tracker.to(weight.device)
+    def sign_inputs(self, step: FlatStep) -> dict[str, Any]:
+        step.grad_changed = True
+        return {
+            "grad": step.grad, "tracker": self._trackers.for_layout(step.layout),
+            "momentum": self.momentum, "threshold": self.threshold, "penalty": self.penalty,
+        }
 
-    def _accumulate(self, silent: Tensor, skip: Tensor | None) -> None:
-        keep = 1.0 if skip is None else (~skip).float()
-        penalized = silent.sum().float() * keep
-        total = silent.new_tensor(silent.numel(), dtype=torch.float32) * keep
-        self._penalized = penalized if self._penalized is None else self._penalized + penalized
+    def after_signs(self, step: FlatStep, silent: Tensor | None) -> None:
+        total = silent.new_tensor(step.layout.numel, dtype=torch.float32)
+        if step.skip is not None:
+            total = total * ~step.skip
+        self._penalized = silent.float() if self._penalized is None else self._penalized + silent
         self._total = total if self._total is None else self._total + total
 
     def metrics(self) -> dict[str, float]:
@@ -86,8 +80,8 @@ class SADCallback(OvSWCallback):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "trackers": dict(self.trackers)}
+        return {**super().state_dict(), "trackers": self.trackers}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.trackers = dict(state_dict["trackers"])
+        self._trackers.load(state_dict["trackers"])
