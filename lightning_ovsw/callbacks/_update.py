@@ -1,8 +1,9 @@
 """The fused OvSW gradient/state updates over flat buffers (Eq. 14-16), in PyTorch and in Triton.
 
 ``ags_scale_`` and ``sign_update_`` take the flat vectors of one step (see ``_flat``). On CUDA they run
-as one Triton kernel each (``lightning_ovsw.kernels.triton.ovsw_update``); elsewhere, or with
-``LIGHTNING_OVSW_FUSED=0``, as a handful of whole-vector PyTorch ops, which are also the reference.
+as one Triton kernel each (``lightning_ovsw.kernels.triton.ovsw_update``); elsewhere as a handful of
+whole-vector PyTorch ops, which are also the reference. ``LIGHTNING_OVSW_FUSED=0`` forces PyTorch,
+``=1`` forces Triton (on CPU tensors only under ``TRITON_INTERPRET=1``: how CI tests the kernels).
 """
 
 from __future__ import annotations
@@ -16,12 +17,9 @@ from lightning_ovsw.callbacks._flat import FlatLayout, pack_bits, unpack_bits
 
 
 def use_triton(t: Tensor) -> bool:
-    """Triton kernels for CUDA tensors unless ``LIGHTNING_OVSW_FUSED=0``."""
-    if t.device.type != "cuda" or os.environ.get("LIGHTNING_OVSW_FUSED", "1") == "0":
-        return False
-    from lightning_ovsw.kernels.triton import ovsw_update  # noqa: F401  (triton importable)
-
-    return True
+    """Triton for CUDA tensors by default; ``LIGHTNING_OVSW_FUSED`` = ``0`` (never) or ``1`` (always)."""
+    choice = os.environ.get("LIGHTNING_OVSW_FUSED", "auto")
+    return choice == "1" or (choice != "0" and t.device.type == "cuda")
 
 
 @torch.no_grad()
