@@ -9,6 +9,11 @@ with ``sign(0) = +1``, the activation gradient of the chosen estimator (Bi-Real 
 gradient of the plain straight-through estimator by default, and ``alpha`` per output channel.
 They subclass ``nn.Conv2d`` / ``nn.Linear`` so code that walks a model by type keeps working, and they
 hold the very ``weight`` / ``bias`` Parameters of the float layer they replace.
+
+Two equivalent paths compute ``sign(x_hat)``, ``sign(W)`` and ``alpha``: the plain PyTorch composition below
+(the reference, and the CPU path) and the fused Triton ops of ``lightning_ovsw.kernels.train_ops`` (CUDA by
+default; ``train_ops.FUSED`` / ``LIGHTNING_OVSW_FUSED`` force either). The fused path writes both signs
+directly in the dtype the conv runs in (the autocast dtype under autocast).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_ovsw.kernels import train_ops
 from lightning_ovsw.quantizers import ACTIVATION_ESTIMATORS, WEIGHT_ESTIMATORS, apply_estimator
 
 SCALES = ("standardized", "learnable", "none")
@@ -68,6 +74,12 @@ def standardized_scale(weight: Tensor) -> Tensor:
     return (centered / torch.sqrt(w.var(dim=1, keepdim=True) + _EPS)).abs().mean(dim=1)
 
 
+def _compute_dtype(x: Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype an op on ``x`` runs in: autocast's for ``x``'s device when it is on, else ``dtype``."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+
+
 class BinaryLayer:
     """Mixin for layers with a binarized ``weight`` (out channels first) and per-channel ``alpha``.
 
@@ -103,10 +115,15 @@ class BinaryLayer:
             return self.alpha
         return None
 
-    def _scale_and_bias(self, out: Tensor, channel_dim: int) -> Tensor:
+    def _fused_weight(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(sign(W)`` in the dtype the op on ``x`` runs in, ``alpha)`` from the fused weight op."""
+        wb, alpha = train_ops.fused_binary_weight(self.weight, self.options.weight_estimator,
+                                                  _compute_dtype(x, self.weight.dtype))
+        return wb, alpha if self.options.scale == "standardized" else self.scale_factor()
+
+    def _scale_and_bias(self, out: Tensor, alpha: Tensor | None, channel_dim: int) -> Tensor:
         shape = [1] * out.ndim
         shape[channel_dim] = -1
-        alpha = self.scale_factor()
         if alpha is not None:
             out = out * alpha.to(out.dtype).view(shape)
         if self.bias is not None:
@@ -173,13 +190,19 @@ class BinaryConv2d(nn.Conv2d, BinaryLayer):
         return layer.train(conv.training)
 
     def forward(self, x: Tensor) -> Tensor:
+        if train_ops.use_fused(x, self.weight):
+            wb, alpha = self._fused_weight(x)
+            out = train_ops.fused_binary_conv2d(
+                x, wb, self.training, self.options.activation_estimator, self.stride,
+                self._reversed_padding_repeated_twice, self.dilation, self.options.pad_value)
+            return self._scale_and_bias(out, alpha, channel_dim=1)
         xb = self.binary_input(x)
         padding = self.padding
         if self.options.pad_value == 1 and any(self._reversed_padding_repeated_twice):
             xb = F.pad(xb, self._reversed_padding_repeated_twice, value=1.0)
             padding = 0
         out = F.conv2d(xb, self.binary_weight(), None, self.stride, padding, self.dilation, self.groups)
-        return self._scale_and_bias(out, channel_dim=1)
+        return self._scale_and_bias(out, self.scale_factor(), channel_dim=1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._options_repr()}"
@@ -216,8 +239,14 @@ class BinaryLinear(nn.Linear, BinaryLayer):
         return layer.train(linear.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(self.binary_input(x), self.binary_weight())
-        return self._scale_and_bias(out, channel_dim=out.ndim - 1)
+        if train_ops.use_fused(x, self.weight):
+            wb, alpha = self._fused_weight(x)
+            xb = train_ops.fused_binary_input(x, self.training, self.options.activation_estimator,
+                                              _compute_dtype(x, x.dtype))
+            out = F.linear(xb, wb)
+        else:
+            out, alpha = F.linear(self.binary_input(x), self.binary_weight()), self.scale_factor()
+        return self._scale_and_bias(out, alpha, channel_dim=out.ndim - 1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._options_repr()}"

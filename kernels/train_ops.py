@@ -1,0 +1,346 @@
+"""Fused training ops of the binary layers (``torch.ops.ovsw.*``), Triton kernels with registered autograd.
+
+The plain PyTorch path in ``lightning_ovsw.layers`` (composed ``standardize_input`` + sign estimators +
+``standardized_scale``) is the reference; these ops compute the same values in fewer passes:
+
+- ``ovsw::sample_inv_std(x)``: per-sample ``1 / sqrt(var + 1e-5)`` in float32 (unbiased ``var`` over the
+  non-batch dims), one read of ``x``, no float32 copy; no gradient (the authors detach it).
+- ``ovsw::binarize_act(x, inv_std, estimator, dtype)``: ``sign(x)`` in ``dtype`` (the dtype the conv runs
+  in, e.g. float16 under autocast). It saves only ``x`` itself (+ ``inv_std``, one float per sample) for
+  the backward: ``x`` is the producer's output, so autograd shares its storage with any other layer that
+  saves it (ResNet-18's ``conv1`` and downsample conv read the same ``x``) instead of writing and keeping
+  a new ``x / std`` tensor per layer as the plain path does. The estimator derivative is recomputed from
+  ``x`` in the fused backward ``dL/dx = dL/dsign * f'(x * inv_std) * inv_std``; the straight-through
+  estimator saves nothing.
+- ``ovsw::binarize_weight(w, estimator, dtype)``: ``(sign(W) in dtype, alpha)`` in one kernel, with
+  ``alpha_i = mean(|standardize(W[i])|)`` (float32); backward: straight through (``clipped_ste``: masked
+  by ``|W| <= 1``), ``alpha`` has no gradient.
+
+Each op has a fake kernel, so ``torch.compile`` traces it without a graph break. The ops run on CUDA
+tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests). ``use_fused`` picks the path:
+``FUSED`` (from the environment variable ``LIGHTNING_OVSW_FUSED``: ``1`` forces these ops, ``0`` the plain
+path, unset or ``auto``: these ops for CUDA tensors when Triton imports).
+"""
+
+import os
+
+import torch
+from torch import Tensor
+
+ACTIVATION_CODES = {"approx_sign": 0, "ste": 1, "clipped_ste": 2}
+WEIGHT_CODES = {"ste": 1, "clipped_ste": 2}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _mode_from_env() -> bool | None:
+    value = os.environ.get("LIGHTNING_OVSW_FUSED", "auto").strip().lower()
+    modes = {"1": True, "true": True, "0": False, "false": False, "auto": None, "": None}
+    if value not in modes:
+        raise ValueError(f"LIGHTNING_OVSW_FUSED={value!r} is not understood; use 1 (fused), 0 (plain) or auto.")
+    return modes[value]
+
+
+#: ``True``: always the fused ops; ``False``: always the plain PyTorch path; ``None``: fused for CUDA tensors
+#: when Triton imports. Set it directly to switch at run time (tests, benchmarks).
+FUSED: bool | None = _mode_from_env()
+
+
+def _triton_importable() -> bool:
+    try:
+        from .triton import binarize  # noqa: F401
+    except Exception:  # noqa: BLE001  (any import failure means: use the plain path)
+        return False
+    return True
+
+
+_TRITON_OK = _triton_importable()
+
+
+def use_fused(x: Tensor, w: Tensor) -> bool:
+    """Whether a binary layer with weight ``w`` runs the fused ops on input ``x``.
+
+    Forced by ``FUSED``; automatically for CUDA tensors of float16/bfloat16/float32 when Triton imports
+    (float64 always takes the plain path: the kernels accumulate in float32).
+    """
+    if FUSED is not None:
+        return FUSED
+    return _TRITON_OK and x.is_cuda and x.dtype in _FLOATS and w.dtype in _FLOATS
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _kernels():
+    from .triton import _common, binarize
+
+    return _common.INTERPRET, binarize
+
+
+def _check(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor) or x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a float16, bfloat16 or float32 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty tensor with a batch (or output-channel) dim, got {tuple(x.shape)}")
+    interpret, _ = _kernels()
+    if not x.is_cuda and not interpret:
+        raise ValueError(
+            f"the fused binary-layer kernels need CUDA tensors ({name} is on {x.device}); set "
+            "lightning_ovsw.kernels.train_ops.FUSED = False (or LIGHTNING_OVSW_FUSED=0) for the plain path, "
+            "or TRITON_INTERPRET=1 before importing triton to run them in the interpreter"
+        )
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in _FLOATS:
+        raise ValueError(f"dtype must be one of {_FLOATS} (the dtype the conv runs in), got {dtype}")
+
+
+def _dense(x: Tensor) -> Tensor:
+    """``x`` with every sample one contiguous run of memory: contiguous or channels_last, else a copy."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
+    return x.contiguous()
+
+
+def _like(x: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` in ``x``'s memory layout (the kernels index both with the same flat offsets)."""
+    return grad if grad.stride() == x.stride() else torch.empty_like(x, dtype=grad.dtype).copy_(grad)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _block(n: int, cap: int) -> int:
+    return min(cap, max(16, 1 << (n - 1).bit_length()))
+
+
+# ------------------------------------------------------------------------------------------ ops
+@torch.library.custom_op("ovsw::sample_inv_std", mutates_args=())
+def sample_inv_std(x: Tensor) -> Tensor:
+    """``1 / sqrt(var(x[n]) + 1e-5)`` per sample ``n`` (unbiased ``var`` over all other dims), float32."""
+    _check(x, "x")
+    _, k = _kernels()
+    x = _dense(x)
+    n, m = x.shape[0], x.numel() // x.shape[0]
+    block = _block(m, 4096)
+    nb = -(-m // block)
+    mean = torch.empty((n, nb), device=x.device, dtype=torch.float32)
+    m2 = torch.empty_like(mean)
+    out = torch.empty(n, device=x.device, dtype=torch.float32)
+    k.row_moments_kernel[(n, nb)](x, mean, m2, m, nb, BLOCK=block, num_warps=8)
+    k.inv_std_kernel[(n,)](mean, m2, out, m, nb, BLOCK=block, NB_BLOCK=_block(nb, 256))
+    return out
+
+
+@sample_inv_std.register_fake
+def _(x: Tensor) -> Tensor:
+    _check_fake(x, "x")
+    return x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("ovsw::binarize_act", mutates_args=())
+def binarize_act(x: Tensor, inv_std: Tensor | None, estimator: int, dtype: torch.dtype) -> Tensor:
+    """``sign(x)`` (+1 for ``x >= 0``, ``-0.0`` included) in ``dtype``; ``inv_std`` only shapes the gradient."""
+    _check(x, "x")
+    _check_act_args(x, inv_std, estimator, dtype)
+    _, k = _kernels()
+    x = _dense(x)
+    out = torch.empty_like(x, dtype=dtype)
+    block = 1024
+    k.sign_kernel[(_cdiv(x.numel(), block),)](x, out, x.numel(), BLOCK=block)
+    return out
+
+
+@binarize_act.register_fake
+def _(x: Tensor, inv_std: Tensor | None, estimator: int, dtype: torch.dtype) -> Tensor:
+    _check_fake(x, "x")
+    _check_act_args(x, inv_std, estimator, dtype)
+    return torch.empty_like(_dense(x), dtype=dtype)
+
+
+@torch.library.custom_op("ovsw::binarize_act_backward", mutates_args=())
+def binarize_act_backward(grad: Tensor, x: Tensor, inv_std: Tensor | None, estimator: int) -> Tensor:
+    """``dL/dx = grad * f'(x * inv_std) * inv_std`` (``f'`` of the estimator), in ``x``'s dtype."""
+    _, k = _kernels()
+    x = _dense(x)
+    grad = _like(x, grad)
+    out = torch.empty_like(x)
+    block = 1024
+    std = inv_std if inv_std is not None else x  # placeholder pointer, not read without HAS_STD
+    k.sign_backward_kernel[(_cdiv(x.numel(), block),)](
+        grad, x, std, out, x.numel(), x.numel() // x.shape[0], ESTIMATOR=estimator,
+        HAS_STD=inv_std is not None, BLOCK=block)
+    return out
+
+
+@binarize_act_backward.register_fake
+def _(grad: Tensor, x: Tensor, inv_std: Tensor | None, estimator: int) -> Tensor:
+    return torch.empty_like(_dense(x))
+
+
+def _act_setup(ctx, inputs, output) -> None:
+    x, inv_std, estimator, _ = inputs
+    ctx.estimator = estimator
+    ctx.save_for_backward(None if estimator == ACTIVATION_CODES["ste"] else x, inv_std)
+    ctx.x_meta = (x.shape, x.dtype)
+
+
+def _act_backward(ctx, grad: Tensor):
+    x, inv_std = ctx.saved_tensors
+    if x is None:  # straight through: only the 1/std of the standardization
+        shape, dtype = ctx.x_meta
+        g = grad.to(dtype)
+        return (g if inv_std is None else g * inv_std.view(-1, *[1] * (len(shape) - 1)).to(dtype)), None, None, None
+    return binarize_act_backward(grad, x, inv_std, ctx.estimator), None, None, None
+
+
+binarize_act.register_autograd(_act_backward, setup_context=_act_setup)
+
+
+@torch.library.custom_op("ovsw::binarize_weight", mutates_args=())
+def binarize_weight(w: Tensor, estimator: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(sign(W)`` in ``dtype``, ``alpha`` float32 ``[out_channels])``, ``alpha_i = mean(|standardize(W[i])|)``."""
+    _check(w, "w")
+    _check_weight_args(w, estimator, dtype)
+    _, k = _kernels()
+    w = w.contiguous()
+    rows, cols = w.shape[0], w.numel() // w.shape[0]
+    sign = torch.empty_like(w, dtype=dtype)
+    alpha = torch.empty(rows, device=w.device, dtype=torch.float32)
+    k.weight_kernel[(rows,)](w, sign, alpha, cols, BLOCK=_block(cols, 1024))
+    return sign, alpha
+
+
+@binarize_weight.register_fake
+def _(w: Tensor, estimator: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    _check_fake(w, "w")
+    _check_weight_args(w, estimator, dtype)
+    return torch.empty_like(w, dtype=dtype, memory_format=torch.contiguous_format), w.new_empty(
+        w.shape[0], dtype=torch.float32)
+
+
+def _weight_setup(ctx, inputs, output) -> None:
+    w, estimator, _ = inputs
+    ctx.dtype = w.dtype
+    ctx.save_for_backward(w if estimator == WEIGHT_CODES["clipped_ste"] else None)
+
+
+def _weight_backward(ctx, grad_sign: Tensor, grad_alpha: Tensor | None):
+    (w,) = ctx.saved_tensors
+    grad = grad_sign.to(ctx.dtype)
+    if w is not None:
+        grad = grad * (w.abs() <= 1).to(grad.dtype)
+    return grad, None, None
+
+
+binarize_weight.register_autograd(_weight_backward, setup_context=_weight_setup)
+
+
+@torch.library.custom_op("ovsw::binary_conv2d", mutates_args=())
+def binary_conv2d(x: Tensor, inv_std: Tensor | None, w_sign: Tensor, estimator: int, stride: list[int],
+                  pad: list[int], dilation: list[int], pad_value: int) -> Tensor:
+    """``conv2d(pad(sign(x), pad, pad_value), w_sign)`` (``pad`` in ``F.pad`` order: left, right, top, bottom).
+
+    For the backward it saves ``x`` (+ ``inv_std``) and ``w_sign``, not ``sign(x)``: the signs are recomputed
+    (one elementwise pass), so a binary conv keeps one activation tensor alive, as a float conv does.
+    """
+    _check(x, "x")
+    _check_conv_args(x, inv_std, w_sign, estimator, stride, pad, dilation, pad_value)
+    xb, conv_pad = _padded_signs(x, w_sign.dtype, pad, pad_value)
+    return torch.ops.aten.convolution(xb, w_sign, None, stride, conv_pad, dilation, False, [0, 0], 1)
+
+
+@binary_conv2d.register_fake
+def _(x, inv_std, w_sign, estimator, stride, pad, dilation, pad_value):
+    _check_fake(x, "x")
+    _check_conv_args(x, inv_std, w_sign, estimator, stride, pad, dilation, pad_value)
+    xb, conv_pad = _padded_signs(x, w_sign.dtype, pad, pad_value)
+    return torch.ops.aten.convolution(xb, w_sign, None, stride, conv_pad, dilation, False, [0, 0], 1)
+
+
+def _padded_signs(x: Tensor, dtype: torch.dtype, pad: list[int], pad_value: int) -> tuple[Tensor, list[int]]:
+    """``sign(x)`` in ``dtype``, padded explicitly unless the conv's own (symmetric, zero) padding does it;
+    returns it with the padding left for the conv."""
+    xb = binarize_act(x, None, ACTIVATION_CODES["ste"], dtype)
+    left, right, top, bottom = pad
+    if pad_value == 0 and left == right and top == bottom:
+        return xb, [top, left]
+    return torch.nn.functional.pad(xb, pad, value=float(pad_value)), [0, 0]
+
+
+def _conv_setup(ctx, inputs, output) -> None:
+    x, inv_std, w_sign, estimator, stride, pad, dilation, pad_value = inputs
+    ctx.args = (estimator, stride, pad, dilation, pad_value)
+    ctx.save_for_backward(x, inv_std, w_sign)
+
+
+def _conv_backward(ctx, grad: Tensor):
+    x, inv_std, w_sign = ctx.saved_tensors
+    estimator, stride, pad, dilation, pad_value = ctx.args
+    xb, conv_pad = _padded_signs(x, w_sign.dtype, pad, pad_value)
+    grad_xb, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad.to(w_sign.dtype), xb, w_sign, None, stride, conv_pad, dilation, False, [0, 0], 1, [True, True, False])
+    if list(conv_pad) != [pad[2], pad[0]]:  # explicitly padded: drop the gradient of the padding
+        grad_xb = grad_xb[:, :, pad[2]:pad[2] + x.shape[2], pad[0]:pad[0] + x.shape[3]]
+    return binarize_act_backward(grad_xb, x, inv_std, estimator), None, grad_w, None, None, None, None, None
+
+
+binary_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _check_conv_args(x, inv_std, w_sign, estimator, stride, pad, dilation, pad_value) -> None:
+    _check_act_args(x, inv_std, estimator, w_sign.dtype)
+    if x.dim() != 4 or w_sign.dim() != 4 or x.shape[1] != w_sign.shape[1]:
+        raise ValueError(
+            f"binary_conv2d needs x [N, C, H, W] and w_sign [Cout, C, KH, KW] with the same C, got "
+            f"{tuple(x.shape)} and {tuple(w_sign.shape)}")
+    if x.device != w_sign.device:
+        raise ValueError(f"x is on {x.device} but w_sign on {w_sign.device}; move both to one device.")
+    if len(pad) != 4 or min(pad) < 0 or pad_value not in (0, 1):
+        raise ValueError(f"pad must be 4 non-negative ints (left, right, top, bottom) and pad_value 0 or 1, got "
+                         f"{pad}, {pad_value}")
+def _check_fake(x: Tensor, name: str) -> None:
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a float16, bfloat16 or float32 tensor, got {x.dtype}")
+
+
+def _check_act_args(x: Tensor, inv_std: Tensor | None, estimator: int, dtype: torch.dtype) -> None:
+    _check_dtype(dtype)
+    if estimator not in ACTIVATION_CODES.values():
+        raise ValueError(f"estimator must be one of the codes {ACTIVATION_CODES}, got {estimator!r}")
+    if inv_std is not None and (inv_std.dtype != torch.float32 or tuple(inv_std.shape) != (x.shape[0],)):
+        raise ValueError(
+            f"inv_std must be float32 of shape ({x.shape[0]},) (one value per sample, from sample_inv_std), got "
+            f"{inv_std.dtype} {tuple(inv_std.shape)}")
+    if inv_std is not None and inv_std.device != x.device:
+        raise ValueError(f"inv_std is on {inv_std.device} but x on {x.device}; move both to one device.")
+
+
+def _check_weight_args(w: Tensor, estimator: int, dtype: torch.dtype) -> None:
+    _check_dtype(dtype)
+    if estimator not in WEIGHT_CODES.values():
+        raise ValueError(f"estimator must be one of the codes {WEIGHT_CODES}, got {estimator!r}")
+
+
+# ------------------------------------------------------------------------------------- layer entry points
+def fused_binary_input(x: Tensor, standardize: bool, estimator: str, dtype: torch.dtype) -> Tensor:
+    """``sign(x)`` in ``dtype`` with the gradient of ``estimator`` applied to ``x / std`` (``standardize``)
+    or to ``x`` (eval mode) — the fused twin of ``BinaryLayer.binary_input``."""
+    inv_std = sample_inv_std(x.detach()) if standardize else None
+    return binarize_act(x, inv_std, ACTIVATION_CODES[estimator], dtype)
+
+
+def fused_binary_conv2d(x: Tensor, w_sign: Tensor, standardize: bool, estimator: str, stride: tuple[int, int],
+                        pad: tuple[int, int, int, int], dilation: tuple[int, int], pad_value: int) -> Tensor:
+    """``conv2d`` of the padded ``sign(x)`` with ``w_sign`` (``pad`` in ``F.pad`` order), the activation
+    gradient of ``estimator`` on ``x / std`` (``standardize``) or ``x``."""
+    inv_std = sample_inv_std(x.detach()) if standardize else None
+    return binary_conv2d(x, inv_std, w_sign, ACTIVATION_CODES[estimator], list(stride), list(pad), list(dilation),
+                         pad_value)
+
+
+def fused_binary_weight(w: Tensor, estimator: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(sign(W)`` in ``dtype``, detached standardized ``alpha)`` — the fused twin of ``binary_weight`` and
+    ``standardized_scale``."""
+    sign, alpha = binarize_weight(w, WEIGHT_CODES[estimator], dtype)
+    return sign, alpha.detach()

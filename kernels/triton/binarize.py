@@ -1,0 +1,109 @@
+"""Triton kernels of the binary layers' training path (design §2): one pass per job, statistics in float32.
+
+- ``row_moments_kernel`` + ``inv_std_kernel``: per-sample ``1 / sqrt(var + 1e-5)`` (unbiased ``var`` over all
+  non-batch elements): block means and centred sums of squares, merged with Chan et al.'s pairwise formula,
+  so the input is read once and no float32 copy of it is made.
+- ``sign_kernel``: ``sign(x)`` (+1 for ``x >= 0``, ``-0.0`` and NaN included) written in the conv's dtype.
+- ``sign_backward_kernel``: ``dL/dx = dL/dsign * f'(x * inv_std) * inv_std`` with the estimator's
+  derivative ``f'`` (Bi-Real ``max(0, 2 - 2|x_hat|)``, clipped ``[|x_hat| <= 1]`` or ``1``).
+- ``weight_kernel``: per output row ``sign(W[i])`` in the conv's dtype and
+  ``alpha_i = mean(|W[i] - mean|) / sqrt(var_unbiased + 1e-5)``.
+
+Every kernel reads any float dtype and works on flat, dense buffers (rows contiguous). ``ESTIMATOR`` codes
+are those of ``lightning_ovsw.kernels.train_ops``: 0 Bi-Real (``approx_sign``), 1 ``ste``, 2 ``clipped_ste``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: ``+ 1e-5`` under the square roots, as ``lightning_ovsw.layers``.
+EPS = tl.constexpr(1e-5)
+
+
+@triton.jit
+def row_moments_kernel(x_ptr, mean_ptr, m2_ptr, M, NB, BLOCK: tl.constexpr):
+    """Program ``(row, b)``: mean and centred sum of squares of ``x[row, b*BLOCK : (b+1)*BLOCK]``."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    x = tl.load(x_ptr + row * M + offs, mask=mask, other=0.0).to(tl.float32)
+    count = tl.minimum(M - blk * BLOCK, BLOCK).to(tl.float32)
+    mean = tl.sum(x, axis=0) / count
+    d = tl.where(mask, x - mean, 0.0)
+    tl.store(mean_ptr + row * NB + blk, mean)
+    tl.store(m2_ptr + row * NB + blk, tl.sum(d * d, axis=0))
+
+
+@triton.jit
+def inv_std_kernel(mean_ptr, m2_ptr, out_ptr, M, NB, BLOCK: tl.constexpr, NB_BLOCK: tl.constexpr):
+    """Program ``row``: merge the row's block moments (Chan et al.) into ``1 / sqrt(M2 / (M - 1) + EPS)``."""
+    row = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros((NB_BLOCK,), tl.float32)
+    for start in range(0, NB, NB_BLOCK):
+        b = start + tl.arange(0, NB_BLOCK)
+        count = tl.where(b < NB, tl.minimum(M - b * BLOCK, BLOCK), 0).to(tl.float32)
+        acc += count * tl.load(mean_ptr + row * NB + b, mask=b < NB, other=0.0)
+    mean = tl.sum(acc, axis=0) / M
+    acc = tl.zeros((NB_BLOCK,), tl.float32)
+    for start in range(0, NB, NB_BLOCK):
+        b = start + tl.arange(0, NB_BLOCK)
+        count = tl.where(b < NB, tl.minimum(M - b * BLOCK, BLOCK), 0).to(tl.float32)
+        delta = tl.load(mean_ptr + row * NB + b, mask=b < NB, other=0.0) - mean
+        acc += tl.load(m2_ptr + row * NB + b, mask=b < NB, other=0.0) + count * delta * delta
+    var = tl.sum(acc, axis=0) / (M - 1)
+    tl.store(out_ptr + row, 1.0 / tl.sqrt(var + EPS))
+
+
+@triton.jit
+def sign_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """``out = x < 0 ? -1 : +1`` in ``out``'s dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, tl.where(x < 0, -1.0, 1.0).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def sign_backward_kernel(grad_ptr, x_ptr, inv_std_ptr, out_ptr, numel, M, ESTIMATOR: tl.constexpr,
+                         HAS_STD: tl.constexpr, BLOCK: tl.constexpr):
+    """``out = grad * f'(x * s) * s`` with ``s = inv_std[element // M]`` (or 1 without ``HAS_STD``)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_STD:
+        s = tl.load(inv_std_ptr + offs // M, mask=mask, other=1.0)
+    else:
+        s = tl.full((BLOCK,), 1.0, tl.float32)
+    if ESTIMATOR == 0:
+        x_hat = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * s
+        g = g * tl.maximum(2.0 - 2.0 * tl.abs(x_hat), 0.0)
+    elif ESTIMATOR == 2:
+        x_hat = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * s
+        g = tl.where(tl.abs(x_hat) <= 1.0, g, 0.0)
+    tl.store(out_ptr + offs, (g * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def weight_kernel(w_ptr, sign_ptr, alpha_ptr, K, BLOCK: tl.constexpr):
+    """Program ``row``: ``sign(W[row])`` into ``sign_ptr`` and the standardized scale into ``alpha_ptr[row]``."""
+    base = tl.program_id(0).to(tl.int64) * K
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, K, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        w = tl.load(w_ptr + base + offs, mask=offs < K, other=0.0).to(tl.float32)
+        acc += w
+        tl.store(sign_ptr + base + offs, tl.where(w < 0, -1.0, 1.0).to(sign_ptr.dtype.element_ty), mask=offs < K)
+    mean = tl.sum(acc, axis=0) / K
+    sq = tl.zeros((BLOCK,), tl.float32)
+    ab = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, K, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        w = tl.load(w_ptr + base + offs, mask=offs < K, other=0.0).to(tl.float32)
+        d = tl.where(offs < K, w - mean, 0.0)
+        sq += d * d
+        ab += tl.abs(d)
+    std = tl.sqrt(tl.sum(sq, axis=0) / (K - 1) + EPS)
+    tl.store(alpha_ptr + tl.program_id(0), tl.sum(ab, axis=0) / K / std)
