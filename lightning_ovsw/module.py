@@ -139,10 +139,17 @@ class ClassificationModule(LightningModule):
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("the cosine schedule needs a finite run: set trainer max_epochs or max_steps.")
-        batches, accumulate = self.trainer.num_training_batches, self.trainer.accumulate_grad_batches
-        per_epoch = max(1, math.ceil(batches / accumulate))
-        warmup = hp.warmup_epochs * per_epoch
+        warmup = hp.warmup_epochs * self._steps_per_epoch() if hp.warmup_epochs else 0.0
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, int(total))
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (the data is set up here when only ``max_steps`` was given)."""
+        if self.trainer.train_dataloader is None:
+            self.trainer.fit_loop.setup_data()
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError("warmup_epochs needs a training dataloader with a length; give warm-up-free runs or a sized loader.")
+        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))

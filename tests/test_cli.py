@@ -124,12 +124,13 @@ class _LrRecorder(L.Callback):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_warmup_cosine_schedule_is_per_optimizer_step(accumulate, tmp_path):
+@pytest.mark.parametrize("accumulate,limit", [(1, "max_epochs"), (2, "max_epochs"), (1, "max_steps")])
+def test_warmup_cosine_schedule_is_per_optimizer_step(accumulate, limit, tmp_path):
     module = ClassificationModule(_tiny_net(), lr=0.2, warmup_epochs=1.5, weight_decay=0.0)
     data = SyntheticDataModule(num_train=64, num_val=8, batch_size=8)  # 8 batches per epoch
     rec = _LrRecorder()
-    L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[rec],
+    length = {"max_epochs": 3} if limit == "max_epochs" else {"max_steps": 3 * 8 // accumulate}
+    L.Trainer(**length, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[rec],
               accumulate_grad_batches=accumulate, limit_val_batches=0, enable_progress_bar=False,
               default_root_dir=tmp_path).fit(module, data)
     per_epoch = 8 // accumulate

@@ -35,7 +35,7 @@ class AGSCallback(OvSWCallback):
         keep = 1.0 if step.skip is None else (~step.skip).float()
         scaled = (ratio < self.delta).sum().float() * keep
         ratio_sum = ratio.nan_to_num(0.0, 0.0, 0.0).sum() * keep
-        count = ratio.new_tensor(ratio.numel()) * keep
+        count = keep * ratio.numel()
         if self._scaled is None:
             self._scaled, self._ratio_sum, self._filters = scaled, ratio_sum, count
         else:
@@ -46,7 +46,7 @@ class AGSCallback(OvSWCallback):
     def metrics(self) -> dict[str, float]:
         if self._filters is None:
             return {}
-        n = max(self._filters.item(), 1.0)
-        out = {"ags/scaled_fraction": self._scaled.item() / n, "ags/mean_grad_weight_ratio": self._ratio_sum.item() / n}
+        n = max(float(self._filters), 1.0)
+        out = {"ags/scaled_fraction": float(self._scaled) / n, "ags/mean_grad_weight_ratio": float(self._ratio_sum) / n}
         self._scaled = self._filters = self._ratio_sum = None
         return out

@@ -51,7 +51,7 @@ class SADCallback(OvSWCallback):
         self.tracker_init = tracker_init
         self._trackers = FlatState(torch.float32, 0.0 if tracker_init == "zeros" else 1.0)
         self._penalized: Tensor | None = None
-        self._total: Tensor | None = None
+        self._total: Tensor | float | None = None
 
     @property
     def trackers(self) -> dict[str, Tensor]:
@@ -66,16 +66,14 @@ class SADCallback(OvSWCallback):
         }
 
     def after_signs(self, step: FlatStep, silent: Tensor | None) -> None:
-        total = silent.new_tensor(step.layout.numel, dtype=torch.float32)
-        if step.skip is not None:
-            total = total * ~step.skip
+        total = step.layout.numel if step.skip is None else (~step.skip).float() * step.layout.numel
         self._penalized = silent.float() if self._penalized is None else self._penalized + silent
         self._total = total if self._total is None else self._total + total
 
     def metrics(self) -> dict[str, float]:
         if self._total is None:
             return {}
-        out = {"sad/penalized_fraction": self._penalized.item() / max(self._total.item(), 1.0)}
+        out = {"sad/penalized_fraction": float(self._penalized) / max(float(self._total), 1.0)}
         self._penalized = self._total = None
         return out
 
