@@ -9,6 +9,9 @@ Importing this module registers, through ``torch.library``:
   residual, out_dtype)``;
 - ``ovsw::packed_conv2d_sign(...)``: the same without ``out_dtype``, fused with the next layer's
   sign-and-pack (returns the packed sign bits of the float32 result);
+- ``ovsw::packed_conv2d_act(..., min_val, max_val, out_dtype) -> (y, y_bits)``: ``y = hardtanh(packed_conv2d
+  (...))`` in ``out_dtype`` (float32 if None) and its packed sign bits, from one epilogue on CPU (a block
+  output that feeds both a float shortcut and the next binary conv);
 
 each with a fake (meta) kernel, so ``torch.compile`` and ``torch.export`` trace them and an exported
 program runs in any process that imports ``lightning_ovsw.kernels.ops``. Dispatch: CPU tensors run the C++
@@ -33,7 +36,7 @@ from torch import Tensor
 from . import cpu, reference
 from .reference import conv_output_size, num_words
 
-__all__ = ["packed_conv2d", "packed_conv2d_sign", "packed_linear", "sign_pack", "sign_pack_nchw"]
+__all__ = ["packed_conv2d", "packed_conv2d_act", "packed_conv2d_sign", "packed_linear", "sign_pack", "sign_pack_nchw"]
 
 _LIB = torch.library.Library("ovsw", "DEF")
 _LIB.define("sign_pack(Tensor x) -> Tensor")
@@ -51,6 +54,13 @@ _LIB.define(
     "packed_conv2d_sign(Tensor x_bits, Tensor w_bits, int in_channels, int[2] stride=[1, 1], "
     "int[2] padding=[0, 0], int[2] dilation=[1, 1], int pad_value=0, Tensor? scale=None, "
     "Tensor? bias=None, Tensor? residual=None) -> Tensor"
+)
+
+_LIB.define(
+    "packed_conv2d_act(Tensor x_bits, Tensor w_bits, int in_channels, int[2] stride=[1, 1], "
+    "int[2] padding=[0, 0], int[2] dilation=[1, 1], int pad_value=0, Tensor? scale=None, "
+    "Tensor? bias=None, Tensor? residual=None, float min_val=-1., float max_val=1., "
+    "ScalarType? out_dtype=None) -> (Tensor, Tensor)"
 )
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -269,6 +279,25 @@ def _conv_sign_shape(*args) -> tuple[int, ...]:
     return _conv_shape(*args, torch.float32)
 
 
+def _conv_act_reference(x_bits, w_bits, in_channels, stride=(1, 1), padding=(0, 0), dilation=(1, 1), pad_value=0,
+                        scale=None, bias=None, residual=None, min_val=-1.0, max_val=1.0, out_dtype=None):
+    return reference.packed_conv2d_act(x_bits, w_bits, in_channels, tuple(stride), tuple(padding),
+                                       tuple(dilation), pad_value, scale, bias, residual, min_val, max_val,
+                                       out_dtype)
+
+
+def _conv_act_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias, residual,
+                    min_val, max_val, out_dtype) -> tuple[int, ...]:
+    """Validate ``packed_conv2d_act``'s arguments; return the NHWC output shape."""
+    for name, v in (("min_val", min_val), ("max_val", max_val)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise TypeError(f"{name} must be a float, got {v!r}")
+    if min_val > max_val:
+        raise ValueError(f"min_val must be <= max_val (the hardtanh range), got {min_val} > {max_val}")
+    return _conv_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias, residual,
+                       out_dtype or torch.float32)
+
+
 def _in_dtype(out_dtype: torch.dtype | None, run: Callable[[torch.dtype | None], Tensor]) -> Tensor:
     """Run a Triton kernel for ``out_dtype``; float64 (which the kernels do not write) via float32, as the
     reference computes the epilogue in float32 anyway."""
@@ -292,6 +321,12 @@ def _conv_sign_triton(tri, x, w, c, s, p, d, pad_value, scale, bias, residual):
     return tri.triton_sign_pack(y)
 
 
+def _conv_act_triton(tri, x, w, c, s, p, d, pad_value, scale, bias, residual, min_val, max_val, out_dtype):
+    y = _conv_triton(tri, x, w, c, s, p, d, pad_value, scale, bias, residual, out_dtype or torch.float32)
+    y = torch.nn.functional.hardtanh(y, min_val, max_val)
+    return y, tri.triton_sign_pack(y)
+
+
 _IMPLS = {
     "sign_pack": (reference.sign_pack, lambda tri, x: tri.triton_sign_pack(x), _check_sign_pack),
     "sign_pack_nchw": (_sign_pack_nchw_reference, lambda tri, x: tri.triton_sign_pack_nchw(x),
@@ -299,6 +334,7 @@ _IMPLS = {
     "packed_linear": (reference.packed_linear, _linear_triton, _linear_shape),
     "packed_conv2d": (_conv_reference, _conv_triton, _conv_shape),
     "packed_conv2d_sign": (_conv_sign_reference, _conv_sign_triton, _conv_sign_shape),
+    "packed_conv2d_act": (_conv_act_reference, _conv_act_triton, _conv_act_shape),
 }
 for _name, (_reference_fn, _cuda_fn, _check) in _IMPLS.items():
     _impl(_name, _reference_fn, _cuda_fn, _check)
@@ -344,6 +380,16 @@ def _packed_conv2d_sign_fake(x_bits, w_bits, in_channels, stride=(1, 1), padding
     return x_bits.new_empty((n, ho, wo, num_words(cout)), dtype=torch.int32)
 
 
+@torch.library.register_fake("ovsw::packed_conv2d_act", lib=_LIB)
+def _packed_conv2d_act_fake(x_bits, w_bits, in_channels, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                            pad_value=0, scale=None, bias=None, residual=None, min_val=-1.0, max_val=1.0,
+                            out_dtype=None):
+    n, ho, wo, cout = _conv_act_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale,
+                                      bias, residual, min_val, max_val, out_dtype)
+    y = x_bits.new_empty((n, ho, wo, cout), dtype=out_dtype or torch.float32)
+    return y, x_bits.new_empty((n, ho, wo, num_words(cout)), dtype=torch.int32)
+
+
 # ---------------------------------------------------------------------------------- python entry points
 def sign_pack(x: Tensor) -> Tensor:
     """``[..., K]`` float -> ``[..., ceil(K/32)]`` int32 words, bit ``i`` = ``x[..., i] < 0`` (LSB first)."""
@@ -384,3 +430,17 @@ def packed_conv2d_sign(x_bits: Tensor, w_bits: Tensor, in_channels: int, stride:
     return torch.ops.ovsw.packed_conv2d_sign(
         x_bits, w_bits, in_channels, list(_pair(stride, "stride", 1)), list(_pair(padding, "padding", 0)),
         list(_pair(dilation, "dilation", 1)), pad_value, scale, bias, residual)
+
+
+def packed_conv2d_act(x_bits: Tensor, w_bits: Tensor, in_channels: int, stride: Sequence[int] = (1, 1),
+                      padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), pad_value: int = 0,
+                      scale: Tensor | None = None, bias: Tensor | None = None, residual: Tensor | None = None,
+                      min_val: float = -1.0, max_val: float = 1.0,
+                      out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """``packed_conv2d`` followed by ``hardtanh(min_val, max_val)``: returns ``(y, y_bits)``, ``y`` NHWC
+    ``[N, Ho, Wo, Cout]`` in ``out_dtype`` (float32 if None) and ``y_bits = sign_pack(y)``, the next binary
+    layer's packed input (equal to the unfused ops; one pass over the output on CPU)."""
+    return torch.ops.ovsw.packed_conv2d_act(
+        x_bits, w_bits, in_channels, list(_pair(stride, "stride", 1)), list(_pair(padding, "padding", 0)),
+        list(_pair(dilation, "dilation", 1)), pad_value, scale, bias, residual, float(min_val), float(max_val),
+        out_dtype)

@@ -116,3 +116,26 @@ def packed_conv2d(
         padding = (0, 0)
     acc = F.conv2d(x, w, None, stride, padding, dilation).round().to(torch.int32)
     return epilogue(acc.permute(0, 2, 3, 1), scale, bias, residual, out_dtype)
+
+
+def packed_conv2d_act(
+    x_bits: Tensor,
+    w_bits: Tensor,
+    in_channels: int,
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    pad_value: int = 0,
+    scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    min_val: float = -1.0,
+    max_val: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``y = hardtanh(packed_conv2d(..., out_dtype), min_val, max_val)`` (float32 if ``out_dtype`` is None)
+    and ``sign_pack(y)``: a block's activation for the float shortcut and the next binary conv's input."""
+    y = packed_conv2d(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias, residual,
+                      out_dtype or torch.float32)
+    y = F.hardtanh(y, min_val, max_val)
+    return y, sign_pack(y)

@@ -5,7 +5,11 @@ layer's output, and is the only consumer of it, is folded into the packed layer'
 ``scale`` / ``bias`` and replaced by ``nn.Identity`` (a BatchNorm after a full-precision conv is folded
 into that conv). Residual adds ``packed_conv(x) + r`` move into the conv's epilogue. Both patterns are
 found on a ``torch.fx`` trace of the model (binary layers and BatchNorms kept as leaves); a model that
-does not trace is packed without either, with one warning.
+does not trace is packed without either, with one warning. A ``nn.Hardtanh`` that alone consumes a packed
+conv's output moves into its epilogue too (``ovsw::packed_conv2d_act``), which also emits the sign bits of
+the activation, so the packed convs that read it (e.g. the next conv of a ResNet block, whose float
+shortcut still needs the activation itself) do not sign-and-pack it again; and ``maxpool(hardtanh(x))``
+becomes the equal ``hardtanh(maxpool(x))`` (the clamp on 4x fewer values in a ResNet stem).
 """
 
 from __future__ import annotations
@@ -66,11 +70,12 @@ def _foldable_pairs(model: nn.Module) -> dict[str, str]:
     return pairs
 
 
-def _fuse_residual_adds(model: nn.Module) -> nn.Module:
-    """Move ``packed_conv(x) + r`` into the conv's epilogue (design §3: fuse the residual add).
+def _fuse_epilogues(model: nn.Module, residual: bool, activation: bool) -> nn.Module:
+    """Move ``packed_conv(x) + r`` into the conv's epilogue (design §3: fuse the residual add), then a
+    following hardtanh (``_fuse_activations``).
 
-    Applies where the conv's output (through ``nn.Identity`` left by folding) feeds only the add; returns
-    a ``GraphModule`` with the same submodules, or ``model`` itself when there is nothing to fuse.
+    A residual add fuses where the conv's output (through ``nn.Identity`` left by folding) feeds only the
+    add; returns a ``GraphModule`` with the same submodules, or ``model`` itself when nothing fused.
     """
     graph = _LeafTracer().trace(model)
     modules = dict(model.named_modules())
@@ -79,7 +84,7 @@ def _fuse_residual_adds(model: nn.Module) -> nn.Module:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     fused = 0
-    for node in list(graph.nodes):
+    for node in list(graph.nodes) if residual else []:
         if node.op != "call_function" or node.target not in _ADDS or len(node.args) != 2 or node.kwargs:
             continue
         for conv, other in (node.args, node.args[::-1]):
@@ -95,7 +100,69 @@ def _fuse_residual_adds(model: nn.Module) -> nn.Module:
                 graph.erase_node(conv)
                 fused += 1
                 break
+    if activation:
+        fused += _pool_before_hardtanh(graph, modules) + _fuse_activations(graph, modules)
     return fx.GraphModule(model, graph, class_name=type(model).__name__) if fused else model
+
+
+def _fuse_activations(graph: fx.Graph, modules: dict[str, nn.Module]) -> int:
+    """``hardtanh(packed_conv(...))`` -> ``packed_conv(..., act=(min, max))`` returning ``(y, y_bits)``;
+    every packed conv that reads ``y`` gets ``x_bits=y_bits``. Returns the number of fused activations."""
+    fused = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or type(modules[node.target]) is not nn.Hardtanh or node.kwargs:
+            continue
+        conv = node.args[0] if len(node.args) == 1 else None
+        if not (
+            isinstance(conv, fx.Node) and conv.op == "call_module" and isinstance(modules[conv.target], PackedConv2d)
+            and len(conv.users) == 1 and "act" not in conv.kwargs
+        ):
+            continue
+        hardtanh = modules[node.target]
+        with graph.inserting_before(node):
+            call = graph.call_module(conv.target, conv.args,
+                                     {**conv.kwargs, "act": (float(hardtanh.min_val), float(hardtanh.max_val))})
+            y = graph.call_function(operator.getitem, (call, 0))
+            y_bits = graph.call_function(operator.getitem, (call, 1))
+        node.replace_all_uses_with(y)
+        graph.erase_node(node)
+        graph.erase_node(conv)
+        for user in list(y.users):
+            if (
+                user.op == "call_module" and isinstance(modules[user.target], PackedConv2d)
+                and user.args[:1] == (y,) and "x_bits" not in user.kwargs
+            ):
+                user.kwargs = {**user.kwargs, "x_bits": y_bits}
+        if not y_bits.users:
+            graph.erase_node(y_bits)
+        fused += 1
+    return fused
+
+
+def _pool_before_hardtanh(graph: fx.Graph, modules: dict[str, nn.Module]) -> int:
+    """``maxpool(hardtanh(x))`` -> ``hardtanh(maxpool(x))``: equal (hardtanh is monotone, so it commutes
+    with max), and the clamp runs on the pooled, smaller tensor (the ResNet stem). Returns the count."""
+    swapped = 0
+    for pool in list(graph.nodes):
+        if (
+            pool.op != "call_module" or type(modules[pool.target]) is not nn.MaxPool2d
+            or modules[pool.target].return_indices or len(pool.args) != 1 or pool.kwargs
+        ):
+            continue
+        act = pool.args[0]
+        if not (
+            isinstance(act, fx.Node) and act.op == "call_module" and type(modules[act.target]) is nn.Hardtanh
+            and len(act.args) == 1 and not act.kwargs and len(act.users) == 1
+        ):
+            continue
+        with graph.inserting_before(pool):
+            pooled = graph.call_module(pool.target, act.args)
+            clamped = graph.call_module(act.target, (pooled,))
+        pool.replace_all_uses_with(clamped)
+        graph.erase_node(pool)
+        graph.erase_node(act)
+        swapped += 1
+    return swapped
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -104,7 +171,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def pack_model(
-    model: nn.Module, *, fold_batchnorm: bool = True, fuse_residual: bool = True, inplace: bool = False
+    model: nn.Module,
+    *,
+    fold_batchnorm: bool = True,
+    fuse_residual: bool = True,
+    fuse_activation: bool = True,
+    inplace: bool = False,
 ) -> nn.Module:
     """Replace every binary layer of ``model`` by its packed inference module; return it in eval mode.
 
@@ -115,6 +187,9 @@ def pack_model(
             follows a full-precision ``nn.Conv2d`` is folded into that conv's weight and bias.
         fuse_residual: when the model traces, add residuals inside the packed conv's epilogue; the
             result is then a ``torch.fx.GraphModule`` (same submodules and state, ``forward`` only).
+        fuse_activation: when the model traces, compute a ``nn.Hardtanh`` that alone consumes a packed
+            conv in that conv's epilogue, together with the activation's sign bits for the packed convs
+            that read it, and max-pool before a hardtanh rather than after (also a ``GraphModule``).
         inplace: modify ``model`` itself instead of a deep copy.
 
     The result equals ``model.eval()`` up to the rounding of the float epilogue: the integer
@@ -137,7 +212,7 @@ def pack_model(
         return PackedLinear.from_binary(model)
     pairs: dict[str, str] = {}
     traceable = True
-    if fold_batchnorm or fuse_residual:
+    if fold_batchnorm or fuse_residual or fuse_activation:
         try:
             pairs = _foldable_pairs(model) if fold_batchnorm else {}
         except Exception as err:  # fx cannot trace data-dependent control flow and the like
@@ -164,4 +239,5 @@ def pack_model(
     for name, bn_name in pairs.items():  # the rest: full-precision convs, folded as torch does
         _set_submodule(model, name, fuse_conv_bn_eval(modules[name], modules[bn_name]))
         _set_submodule(model, bn_name, nn.Identity())
-    return _fuse_residual_adds(model) if fuse_residual and traceable else model
+    fuse = (fuse_residual or fuse_activation) and traceable
+    return _fuse_epilogues(model, fuse_residual, fuse_activation) if fuse else model

@@ -121,26 +121,52 @@ class PackedConv2d(nn.Module):
         self.weight_bits = self.weight_bits.contiguous()
         return self
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        residual: Tensor | None = None,
+        x_bits: Tensor | None = None,
+        act: tuple[float, float] | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """``y`` (NCHW shape, channels_last memory), plus ``residual`` if given (fused into the epilogue
-        when it has ``y``'s shape and dtype, else added afterwards with broadcasting)."""
+        when it has ``y``'s shape and dtype, else added afterwards with broadcasting).
+
+        ``x_bits``: the packed signs of ``x`` if already known (from a previous layer's ``act`` output), so
+        ``x`` is not packed again. ``act=(min_val, max_val)``: return ``(hardtanh(y), its packed sign
+        bits)`` from one fused epilogue (``ovsw::packed_conv2d_act``); ``pack_model`` sets both up.
+        """
         _check_float(x, type(self).__name__)
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__} expects input [N, {self.in_channels}, H, W], got {tuple(x.shape)}."
             )
-        fuse = residual is not None and residual.dtype == x.dtype and tuple(residual.shape) == (
-            x.shape[0], self.out_channels,
-            *(conv_output_size(x.shape[2 + i], self.kernel_size[i], self.stride[i], self.padding[i],
-                               self.dilation[i]) for i in range(2)),
-        )
+        n, _, h, w = x.shape
+        fuse = residual is not None and residual.dtype == x.dtype and residual.shape == (
+            n, self.out_channels, *self._output_size(h, w))
         nhwc_residual = residual.permute(0, 2, 3, 1).contiguous() if fuse else None
-        bits = _OPS.sign_pack_nchw(x)  # NCHW (any memory format) -> packed NHWC words, one pass
-        out = _OPS.packed_conv2d(
-            bits, self.weight_bits, self.in_channels, self.stride, self.padding, self.dilation,
-            self.pad_value, self.scale, self.bias, nhwc_residual, x.dtype,
-        ).permute(0, 3, 1, 2)
-        return out + residual if residual is not None and not fuse else out
+        if x_bits is None:
+            x_bits = _OPS.sign_pack_nchw(x)  # NCHW (any memory format) -> packed NHWC words, one pass
+        elif tuple(x_bits.shape) != (n, h, w, num_words(self.in_channels)):
+            raise ValueError(
+                f"x_bits must be the packed signs of x, [N, H, W, ceil(C/32)] = {(n, h, w, num_words(x.shape[1]))}"
+                f", got {tuple(x_bits.shape)}."
+            )
+        args = (x_bits, self.weight_bits, self.in_channels, self.stride, self.padding, self.dilation,
+                self.pad_value, self.scale, self.bias, nhwc_residual)
+        if act is not None and (fuse or residual is None):
+            y, y_bits = _OPS.packed_conv2d_act(*args, float(act[0]), float(act[1]), x.dtype)
+            return y.permute(0, 3, 1, 2), y_bits
+        out = _OPS.packed_conv2d(*args, x.dtype).permute(0, 3, 1, 2)
+        if residual is not None and not fuse:
+            out = out + residual
+        if act is None:
+            return out
+        out = torch.nn.functional.hardtanh(out, *act)
+        return out, _OPS.sign_pack_nchw(out)
+
+    def _output_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
 
     def extra_repr(self) -> str:
         return (

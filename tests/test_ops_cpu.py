@@ -151,6 +151,30 @@ def test_packed_conv2d_sign_matches_reference(isa, c, cout, stride, padding, pad
     assert_same(ops.packed_conv2d_sign(x_bits, w_bits, c, *geometry, *epi), want)
 
 
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(c=st.sampled_from([3, 33, 64]), cout=st.sampled_from([1, 31, 32, 33, 64, 65, 130]),
+       kernel=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), pad_value=st.sampled_from([0, 1]),
+       residual=st.booleans(), bounds=st.sampled_from([(-1.0, 1.0), (-0.3, 0.7), (0.0, 6.0), (0.25, 0.25)]),
+       out_dtype=st.sampled_from([None, torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+def test_packed_conv2d_act_matches_reference(isa, c, cout, kernel, stride, pad_value, residual, bounds,
+                                             out_dtype):
+    """hardtanh fused into the epilogue (clamped in the output dtype, as torch clamps that tensor) and the
+    activation's sign bits: both equal the unfused reference, and the bits equal sign_pack(y)."""
+    x_bits, w_bits = ref.sign_pack(signs(2, 7, 6, c)), ref.sign_pack(signs(cout, kernel, kernel, c))
+    pad = kernel // 2
+    ho, wo = ref.conv_output_size(7, kernel, stride, pad, 1), ref.conv_output_size(6, kernel, stride, pad, 1)
+    epi = (torch.rand(cout) * 0.2 - 0.05, torch.randn(cout), torch.randn(2, ho, wo, cout) if residual else None)
+    args = (x_bits, w_bits, c, (stride, stride), (pad, pad), (1, 1), pad_value, *epi, *bounds, out_dtype)
+    y, y_bits = ops.packed_conv2d_act(*args)
+    want_y, want_bits = ref.packed_conv2d_act(*args)
+    assert_same(y, want_y)
+    assert_same(y_bits, want_bits)
+    assert_same(y_bits, ref.sign_pack(y))
+    unfused = ref.packed_conv2d(*args[:10], out_dtype or torch.float32)
+    assert_same(y, torch.nn.functional.hardtanh(unfused, *bounds))
+
+
 @pytest.mark.parametrize("pad_value", [0, 1])
 @pytest.mark.parametrize(("stride", "padding", "dilation"),
                          [((1, 2), (2, 1), (1, 1)), ((2, 1), (1, 2), (2, 1))])
@@ -183,6 +207,9 @@ def test_opcheck_fake_kernels(extension):
                                                 torch.randn(1, 3, 6, 5), torch.float32)),
         (torch.ops.ovsw.packed_conv2d_sign.default, (cx, cw, 40, [1, 1], [1, 1], [1, 1], 1, torch.rand(5),
                                                      torch.randn(5), None)),
+        (torch.ops.ovsw.packed_conv2d_act.default, (cx, cw, 40, [1, 1], [1, 1], [1, 1], 0, torch.rand(5),
+                                                    torch.randn(5), torch.randn(1, 6, 6, 5), -1.0, 1.0,
+                                                    torch.bfloat16)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
@@ -269,6 +296,10 @@ def test_clear_errors():
         ops.packed_conv2d(cx, ref.sign_pack(signs(2, 7, 7, 40)), 40)
     with pytest.raises(ValueError, match="4 dims"):
         ops.packed_conv2d(cx[0], cw, 40)
+    with pytest.raises(ValueError, match="min_val must be <= max_val"):
+        ops.packed_conv2d_act(cx, cw, 40, min_val=1.0, max_val=-1.0)
+    with pytest.raises(ValueError, match="out_dtype"):
+        ops.packed_conv2d_act(cx, cw, 40, out_dtype=torch.int32)
 
 
 def test_cuda_dispatch_glue_under_the_triton_interpreter():
@@ -297,3 +328,7 @@ def test_cuda_dispatch_glue_under_the_triton_interpreter():
             torch.testing.assert_close(got, want)
         else:
             assert torch.equal(got, want), name
+    act_args = (cx, cw, 33, *geometry, scale, bias, torch.randn(1, 3, 4, 6), -0.5, 0.5, torch.float16)
+    (y, y_bits), (want_y, _) = ops._conv_act_triton(tri, *act_args), ops._conv_act_reference(*act_args)
+    torch.testing.assert_close(y, want_y)
+    assert torch.equal(y_bits, ref.sign_pack(y))

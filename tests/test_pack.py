@@ -237,7 +237,7 @@ def test_residual_adds_are_fused_into_the_packed_convs():
     assert isinstance(packed, torch.fx.GraphModule) and _residual_calls(packed) == 16  # every binary conv
     assert not any(n.target in (operator.add, operator.iadd) for n in packed.graph.nodes)
     assert_matches(model, packed, x)
-    unfused = pack_model(model, fuse_residual=False)
+    unfused = pack_model(model, fuse_residual=False, fuse_activation=False)
     assert not isinstance(unfused, torch.fx.GraphModule)
     assert unfused.state_dict().keys() == packed.state_dict().keys()
     tv = with_bn_statistics(binarize(torchvision.models.resnet18(num_classes=10)), x)
@@ -269,3 +269,62 @@ def test_string_padding_is_packed_or_refused():
     assert_matches(same, pack_model(same), x, rel=1e-5)
     with pytest.raises(ValueError, match="asymmetric"):
         pack_model(BinaryConv2d(9, 4, 4, padding="same"))
+
+
+def _act_calls(packed: nn.Module) -> dict[str, int]:
+    nodes = [n for n in packed.graph.nodes if n.op == "call_module"]
+    return {"act": sum("act" in n.kwargs for n in nodes), "x_bits": sum("x_bits" in n.kwargs for n in nodes)}
+
+
+def test_hardtanh_and_next_sign_pack_are_fused_into_the_packed_convs():
+    """ResNet-18 (paper): each block's two hardtanh run in the convs' epilogues, which also hand the sign
+    bits to the next binary conv; the stem max-pools before its hardtanh. Bit-identical to the unfused
+    packed model, and equal to the float model up to the epilogue rounding."""
+    x = torch.randn(2, 3, 32, 32)
+    model = with_bn_statistics(MODELS["resnet18_1w1a"](num_classes=10), x)
+    packed = pack_model(model)
+    # 16 binary convs fused with their hardtanh; all but the first read the previous conv's bits
+    assert _act_calls(packed) == {"act": 16, "x_bits": 15}
+    hardtanh = [n for n in packed.graph.nodes if n.op == "call_module" and n.target.endswith("hardtanh")]
+    assert [(n.target, n.args[0].target) for n in hardtanh] == [("hardtanh", "maxpool")]
+    unfused = pack_model(model, fuse_activation=False)
+    assert _act_calls(unfused) == {"act": 0, "x_bits": 0}
+    with torch.no_grad():
+        assert torch.equal(packed(x), unfused(x))
+        xc = x.to(memory_format=torch.channels_last)
+        assert torch.equal(packed(xc), unfused(xc))
+    assert_matches(model, packed, x)
+
+
+class BroadcastThenHardtanh(nn.Module):
+    """``hardtanh(conv(x) + offset)`` (a residual the epilogue cannot take) feeding another binary conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = BinaryConv2d(6, 40, 3, padding=1)
+        self.offset = nn.Parameter(torch.randn(40, 1, 1))
+        self.act = nn.Hardtanh(-0.5, 0.8)
+        self.conv2 = BinaryConv2d(40, 5, 3, pad_value=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv1(x) + self.offset)
+        return self.conv2(y) + y[:, :5]
+
+
+def test_fused_activation_with_a_broadcast_residual_falls_back_exactly():
+    model, x = BroadcastThenHardtanh().eval(), torch.randn(2, 6, 7, 7)
+    packed = pack_model(model)
+    assert _act_calls(packed) == {"act": 1, "x_bits": 1}
+    with torch.no_grad():
+        assert torch.equal(packed(x), pack_model(model, fuse_activation=False)(x))
+    assert_matches(model, packed, x, rel=1e-5)
+
+
+def test_precomputed_bits_must_match_the_input():
+    conv = PackedConv2d.from_binary(BinaryConv2d(40, 4, 3))
+    x = torch.randn(1, 40, 5, 5)
+    y, y_bits = conv(x, x_bits=reference.sign_pack(x.permute(0, 2, 3, 1)), act=(-1.0, 1.0))
+    torch.testing.assert_close(y, torch.nn.functional.hardtanh(conv(x)), rtol=0, atol=0)
+    assert torch.equal(y_bits, reference.sign_pack(y.permute(0, 2, 3, 1)))
+    with pytest.raises(ValueError, match="x_bits must be the packed signs of x"):
+        conv(x, x_bits=torch.zeros(1, 5, 5, 1, dtype=torch.int32))

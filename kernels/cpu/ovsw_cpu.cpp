@@ -232,6 +232,10 @@ struct Neon {
 #endif
 
 // ---------------------------------------------------------------------------------------- epilogue
+// Sign bits of k floats into ceil(k / 32) words (x < 0, LSB first), vectorized for the current ISA.
+using PackRowFn = void (*)(const float*, u32*, int64_t);
+PackRowFn pack_row_fn();
+
 constexpr int64_t BLOCK_M = 48, BLOCK_N = 64;  // GEMM tile: multiples of every MR / NR and of the AVX-512 panel
 
 // acc = base[row] - 2 * (popcount - corr[row][n]); then raw int32, or acc * scale + bias + residual in
@@ -250,6 +254,12 @@ struct Epilogue {
   void* out = nullptr;
 
   bool sign = false;  // store the sign bits of the float32 result (int32 words, the next layer's input)
+  // Activation outputs (packed_conv2d_act): clamp the stored values to [lo, hi] (hardtanh, in float32 after
+  // the cast to the output dtype, as torch computes it on that tensor) and also write their sign bits.
+  bool clamp = false;
+  float lo = 0.0f, hi = 0.0f;
+  u32* bits = nullptr;
+  PackRowFn pack_row = nullptr;  // for the sign bits (sign or bits)
 
   // Branch-free inner loops (the compiler vectorizes them); cols <= BLOCK_N.
   void accumulators(int64_t row, const int32_t* pop, int64_t n0, int64_t cols, int32_t* acc) const {
@@ -285,8 +295,23 @@ struct Epilogue {
     } else {
       float f[BLOCK_N];
       floats(row, acc, n0, cols, f);
-      for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<T>(f[j]);
+      if (!clamp) {
+        for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<T>(f[j]);
+        return;
+      }
+      for (int64_t j = 0; j < cols; ++j) {
+        const float v = static_cast<float>(static_cast<T>(f[j]));
+        f[j] = static_cast<float>(static_cast<T>(v < lo ? lo : (hi < v ? hi : v)));
+        o[j] = static_cast<T>(f[j]);
+      }
+      if (bits) store_bits(row, f, n0, cols, bits);
     }
+  }
+
+  // Sign bits of f (the tile's values) into the packed row; n0 is a multiple of BLOCK_N, so the tile's
+  // bits fill whole words.
+  void store_bits(int64_t row, const float* f, int64_t n0, int64_t cols, u32* dst) const {
+    pack_row(f, dst + row * ((n + 31) / 32) + n0 / 32, cols);
   }
 
   // n0 is a multiple of BLOCK_N, so this tile's bits fill whole words of the packed row.
@@ -295,13 +320,7 @@ struct Epilogue {
     float f[BLOCK_N];
     accumulators(row, pop, n0, cols, acc);
     floats(row, acc, n0, cols, f);
-    const int64_t words = (n + 31) / 32;
-    u32* o = static_cast<u32*>(out) + row * words + n0 / 32;
-    for (int64_t w = 0; w * 32 < cols; ++w) {
-      u32 word = 0;
-      for (int64_t b = 0; b < 32 && w * 32 + b < cols; ++b) word |= u32(f[w * 32 + b] < 0.0f) << b;
-      o[w] = word;
-    }
+    store_bits(row, f, n0, cols, static_cast<u32*>(out));
   }
 
   void operator()(int64_t row, const int32_t* pop, int64_t n0, int64_t cols) const {
@@ -505,7 +524,8 @@ at::Tensor linear_impl(const at::Tensor& a, const at::Tensor& b, int64_t k, cons
 at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t pad_value,
                          const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& residual, bool raw, at::ScalarType dtype, bool sign) {
+                         const std::optional<at::Tensor>& residual, bool raw, at::ScalarType dtype, bool sign,
+                         const Epilogue* act = nullptr) {
   TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && x.scalar_type() == at::kInt && w.scalar_type() == at::kInt &&
                   x.is_contiguous() && w.is_contiguous() && x.size(3) == w.size(3) &&
                   x.size(3) == (channels + 31) / 32,
@@ -531,6 +551,13 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels,
   epi.base = taps * channels;
   set_epilogue(epi, scale, bias, residual, raw, out);
   epi.sign = sign;
+  epi.pack_row = pack_row_fn();
+  if (act) {
+    epi.clamp = act->clamp;
+    epi.lo = act->lo;
+    epi.hi = act->hi;
+    epi.bits = act->bits;
+  }
 
   // Border patterns (pad_value = 0): which kernel rows / columns fall in the padding, per output row / col.
   auto masks = [](int64_t size, int64_t out_size, int64_t k, int64_t s, int64_t p, int64_t d) {
@@ -660,6 +687,15 @@ OVSW_AVX2 void pack_row_avx2(const float* x, u32* out, int64_t k) {
 }
 #endif
 
+PackRowFn pack_row_fn() {
+#if defined(__x86_64__)
+  const int64_t isa = get_isa();
+  if (isa == AVX512) return pack_row_avx512;
+  if (isa == AVX2) return pack_row_avx2;
+#endif
+  return pack_row_portable;
+}
+
 at::Tensor pack_rows_f32(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "ovsw_cpu.sign_pack: expects contiguous float32 [R, K]");
@@ -667,12 +703,7 @@ at::Tensor pack_rows_f32(const at::Tensor& x) {
   at::Tensor out = at::empty({r, kw}, at::TensorOptions().dtype(at::kInt));
   const float* xp = x.data_ptr<float>();
   u32* op = reinterpret_cast<u32*>(out.data_ptr<int32_t>());
-  void (*pack)(const float*, u32*, int64_t) = pack_row_portable;
-#if defined(__x86_64__)
-  const int64_t isa = get_isa();
-  if (isa == AVX512) pack = pack_row_avx512;
-  if (isa == AVX2) pack = pack_row_avx2;
-#endif
+  const PackRowFn pack = pack_row_fn();
   at::parallel_for(0, r, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) pack(xp + i * k, op + i * kw, k);
   });
@@ -830,7 +861,8 @@ at::Tensor ovsw_packed_linear(const at::Tensor& x_bits, const at::Tensor& w_bits
 at::Tensor conv(const char* name, const at::Tensor& x_bits, const at::Tensor& w_bits, int64_t in_channels,
                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t pad_value,
                 const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                const std::optional<at::Tensor>& residual, std::optional<at::ScalarType> out_dtype, bool sign) {
+                const std::optional<at::Tensor>& residual, std::optional<at::ScalarType> out_dtype, bool sign,
+                Epilogue* act = nullptr, at::Tensor* act_bits = nullptr) {
   RECORD_FUNCTION(name, std::vector<c10::IValue>());  // the profiler shows that the C++ kernel ran
   check_bits(x_bits, "x_bits", 4);
   check_bits(w_bits, "w_bits", 4);
@@ -859,8 +891,12 @@ at::Tensor conv(const char* name, const at::Tensor& x_bits, const at::Tensor& w_
   TORCH_CHECK_VALUE(kh <= 64 && kwid <= 64, "kernels up to 64x64 are supported, got ", kh, "x", kwid);
   const std::vector<int64_t> shape = {x_bits.size(0), ho, wo, w_bits.size(0)};
   EpilogueArgs e = epilogue_args(shape, scale, bias, residual, out_dtype);
+  if (act) {  // the activation's sign bits, NHWC words
+    *act_bits = at::empty({shape[0], ho, wo, (shape[3] + 31) / 32}, at::TensorOptions().dtype(at::kInt));
+    act->bits = reinterpret_cast<u32*>(act_bits->data_ptr<int32_t>());
+  }
   at::Tensor out = conv_impl(x_bits.contiguous(), w_bits.contiguous(), in_channels, stride, padding, dilation,
-                             pad_value, e.scale, e.bias, e.residual, e.raw, e.native, sign);
+                             pad_value, e.scale, e.bias, e.residual, e.raw, e.native, sign, act);
   return sign ? out : finish(out, e, out_dtype);
 }
 
@@ -883,6 +919,29 @@ at::Tensor ovsw_packed_conv2d_sign(const at::Tensor& x_bits, const at::Tensor& w
 }
 
 
+// hardtanh(packed_conv2d(...)) and its sign bits (the next binary layer's input) from one epilogue.
+std::tuple<at::Tensor, at::Tensor> ovsw_packed_conv2d_act(
+    const at::Tensor& x_bits, const at::Tensor& w_bits, int64_t in_channels, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t pad_value, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, double min_val,
+    double max_val, std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK_VALUE(min_val <= max_val, "min_val must be <= max_val, got ", min_val, " > ", max_val);
+  const at::ScalarType dtype = out_dtype ? *out_dtype : at::kFloat;
+  TORCH_CHECK_VALUE(is_float(dtype), "out_dtype must be None (float32) or a floating point dtype, got ", dtype);
+  if (dtype == at::kDouble) {  // not a native output: clamp the float64 tensor as torch would
+    at::Tensor out = ovsw_packed_conv2d(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale,
+                                        bias, residual, dtype).clamp_(min_val, max_val);
+    return {out, ovsw_sign_pack(out)};
+  }
+  at::Tensor bits;
+  Epilogue act;
+  act.clamp = true;
+  act.lo = static_cast<float>(min_val);
+  act.hi = static_cast<float>(max_val);
+  at::Tensor out = conv("ovsw_cpu::packed_conv2d_act", x_bits, w_bits, in_channels, stride, padding, dilation,
+                        pad_value, scale, bias, residual, dtype, false, &act, &bits);
+  return {out, bits};
+}
 
 }  // namespace
 
@@ -893,6 +952,7 @@ TORCH_LIBRARY_IMPL(ovsw, CPU, m) {
   m.impl("packed_linear", &ovsw_packed_linear);
   m.impl("packed_conv2d", &ovsw_packed_conv2d);
   m.impl("packed_conv2d_sign", &ovsw_packed_conv2d_sign);
+  m.impl("packed_conv2d_act", &ovsw_packed_conv2d_act);
 }
 
 TORCH_LIBRARY(ovsw_cpu, m) {
