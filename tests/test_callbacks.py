@@ -273,3 +273,17 @@ def test_only_stepped_optimizer_params_are_touched():
                enable_model_summary=False, callbacks=[sad]).fit(module, DataLoader(make_data(32), batch_size=8))
     assert set(sad.trackers) == {"model.2"}
     assert torch.equal(model[4].weight, before[4].weight)
+
+
+def test_callbacks_with_compiled_model_match_plain_loop():
+    """``torch.compile`` on the network: the callbacks see the same Parameters and gradients. The loop
+    runs the compiled network too (a BNN amplifies the compiler's rounding differences through flips)."""
+    steps, data = 8, make_data(8 * 8)
+    ref, ref_tracker = reference_loop(torch.compile(make_model()), data, steps)
+    callbacks = [AGSCallback(DELTA), SADCallback(SIGMA, M, TAU), FlipMonitor(histograms=False)]
+    _, module = fit(torch.compile(make_model()), data, steps, callbacks)
+    for p, q in zip(module.model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for name, t in ref_tracker.items():
+        torch.testing.assert_close(callbacks[1].trackers["model." + name], t, rtol=1e-5, atol=1e-7)
+    assert sum(c.sum() for c in callbacks[2].flip_counts.values()) > 0
