@@ -50,6 +50,9 @@ class ClassificationModule(LightningModule):
             PReLU slopes, learnable scales); the paper's ImageNet recipe.
         warmup_epochs: linear warm-up length in epochs (may be fractional); 0 disables it.
         label_smoothing: passed to the cross-entropy loss.
+        schedule_epochs: length of the warm-up + cosine schedule in epochs; ``None`` = the Trainer's
+            run length. Set it to the full recipe (e.g. 600) to stop a run early with
+            ``--trainer.max_epochs`` and continue it later from ``last.ckpt`` on the same schedule.
     """
 
     def __init__(
@@ -64,10 +67,13 @@ class ClassificationModule(LightningModule):
         no_decay_bn_bias: bool = False,
         warmup_epochs: float = 0.0,
         label_smoothing: float = 0.0,
+        schedule_epochs: float | None = None,
     ) -> None:
         super().__init__()
         if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0 or warmup_epochs < 0:
             raise ValueError("need lr > 0, 0 <= momentum < 1, weight_decay >= 0 and warmup_epochs >= 0.")
+        if schedule_epochs is not None and schedule_epochs <= warmup_epochs:
+            raise ValueError(f"schedule_epochs={schedule_epochs} must exceed warmup_epochs={warmup_epochs} (or be None).")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
         if nesterov and momentum == 0:
@@ -136,7 +142,10 @@ class ClassificationModule(LightningModule):
         optimizer = torch.optim.SGD(
             self.parameter_groups(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov
         )
-        total = self.trainer.estimated_stepping_batches
+        if hp.schedule_epochs is not None:
+            total = math.ceil(hp.schedule_epochs * self._steps_per_epoch())
+        else:
+            total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("the cosine schedule needs a finite run: set trainer max_epochs or max_steps.")
         warmup = hp.warmup_epochs * self._steps_per_epoch() if hp.warmup_epochs else 0.0

@@ -124,12 +124,17 @@ class _LrRecorder(L.Callback):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
-@pytest.mark.parametrize("accumulate,limit", [(1, "max_epochs"), (2, "max_epochs"), (1, "max_steps")])
+@pytest.mark.parametrize(
+    "accumulate,limit", [(1, "max_epochs"), (2, "max_epochs"), (1, "max_steps"), (2, "schedule_epochs")]
+)
 def test_warmup_cosine_schedule_is_per_optimizer_step(accumulate, limit, tmp_path):
-    module = ClassificationModule(_tiny_net(), lr=0.2, warmup_epochs=1.5, weight_decay=0.0)
+    """3-epoch schedule; with ``schedule_epochs=3`` the Trainer stops after 2 epochs on that schedule."""
+    schedule = 3 if limit == "schedule_epochs" else None
+    module = ClassificationModule(_tiny_net(), lr=0.2, warmup_epochs=1.5, weight_decay=0.0, schedule_epochs=schedule)
     data = SyntheticDataModule(num_train=64, num_val=8, batch_size=8)  # 8 batches per epoch
     rec = _LrRecorder()
-    length = {"max_epochs": 3} if limit == "max_epochs" else {"max_steps": 3 * 8 // accumulate}
+    length = {"max_epochs": {"max_epochs": 3}, "max_steps": {"max_steps": 3 * 8 // accumulate},
+              "schedule_epochs": {"max_epochs": 2}}[limit]
     L.Trainer(**length, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[rec],
               accumulate_grad_batches=accumulate, limit_val_batches=0, enable_progress_bar=False,
               default_root_dir=tmp_path).fit(module, data)
@@ -137,7 +142,8 @@ def test_warmup_cosine_schedule_is_per_optimizer_step(accumulate, limit, tmp_pat
     total, warm = 3 * per_epoch, 1.5 * per_epoch
     cosine = [0.5 * (1 + math.cos(math.pi * (k - warm) / (total - warm))) for k in range(total)]
     expected = [0.2 * ((k + 1) / warm if k < warm else cosine[k]) for k in range(total)]
-    assert rec.lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert rec.lrs == pytest.approx(expected[: len(rec.lrs)], rel=1e-9, abs=1e-12)
+    assert len(rec.lrs) == (2 if schedule else 3) * per_epoch
 
 
 def _tiny_net() -> nn.Module:
