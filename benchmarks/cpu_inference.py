@@ -129,7 +129,7 @@ def layer_profile(model: nn.Module, x: torch.Tensor, repeats: int) -> list[dict]
 
         def post(mod, args, out, name=name):
             times[name].append((time.perf_counter() - starts[name]) * 1e3)
-            shapes[name] = tuple(out.shape)
+            shapes[name] = tuple((out[0] if isinstance(out, tuple) else out).shape)  # (y, y_bits) of act
 
         handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     with torch.inference_mode():

@@ -6,7 +6,10 @@ alpha with a bf16 output (what a packed layer runs); cuDNN runs ``F.conv2d`` on 
 tensors with ``cudnn.benchmark`` on. Each inner-product mode is timed on its own (autotuned within the
 mode), the default (all modes compete) also with the input's sign-and-pack from bf16 NCHW-channels_last.
 
-    python benchmarks/packed_conv_gpu.py [--batches 64 256]
+    python benchmarks/packed_conv_gpu.py [--batches 64 256] [--quick]
+
+``--quick`` (or ``OVSW_QUICK=1``, the one-shot GPU session): batch 256 only, the default (autotuned)
+path only, fewer repetitions. Every timed mode is first checked against ``kernels/reference.py``.
 
 Times are ``triton.testing.do_bench`` medians. Prints a table and writes
 ``benchmarks/results/packed_conv_gpu_<date>.json`` (GPU, versions, date, command). Needs CUDA.
@@ -23,7 +26,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from packed_gemm_gpu import MODE_NAMES, RESULTS, bench_us, environment, modes, refuse_without_gpu  # noqa: E402
+from packed_gemm_gpu import (  # noqa: E402
+    MODE_NAMES,
+    RESULTS,
+    bench_us,
+    environment,
+    modes,
+    quick,
+    refuse_without_gpu,
+)
 
 # (H=W of the input, Cin, Cout, kernel, stride, padding) of every binary conv in torchvision's
 # ResNet-18 at 224x224 (3x3 convs and the 1x1 stride-2 downsample convs; the 7x7 stem stays float).
@@ -54,10 +65,14 @@ def bench_shape(ops, batch: int, hw: int, cin: int, cout: int, k: int, stride: i
     args = (x_bits, w_bits, cin, stride, padding, 1, 0, scale, None, None, torch.bfloat16)
     row = {"batch": batch, "shape": f"{hw}x{hw} {cin}->{cout} k{k} s{stride}", "cudnn_us": t_ref,
            "cudnn_tflops": ops_count / t_ref / 1e6, "packed_us": {}}
-    expect = ops.triton_packed_conv2d(*args[:7], mode=ops.DOT_I8)
+    from lightning_ovsw.kernels import reference
+
+    geometry = ((stride, stride), (padding, padding), (1, 1), 0)
+    expect = reference.packed_conv2d(x_bits[:2], w_bits, cin, *geometry)
     for mode in modes(ops):
-        if not torch.equal(ops.triton_packed_conv2d(*args[:7], mode=mode), expect):
-            raise AssertionError(f"mode {MODE_NAMES[mode]} disagrees with int8 on {row['shape']}: kernel bug")
+        if not torch.equal(ops.triton_packed_conv2d(*args[:7], mode=mode)[:2], expect):
+            raise AssertionError(f"mode {MODE_NAMES[mode]} disagrees with the reference on {row['shape']}: "
+                                 "kernel bug")
         t = bench_us(lambda mode=mode: ops.triton_packed_conv2d(*args, mode=mode))
         row["packed_us"][MODE_NAMES[mode]] = t
     row["packed_with_pack_us"] = bench_us(
@@ -73,8 +88,10 @@ def bench_shape(ops, batch: int, hw: int, cin: int, cout: int, k: int, stride: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--batches", type=int, nargs="+", default=None)
+    parser.add_argument("--quick", action="store_true", help="batch 256, default path, fewer repetitions")
     args = parser.parse_args()
+    args.batches = args.batches or ([256] if quick() else [64, 256])
     refuse_without_gpu()
     from lightning_ovsw.kernels.triton import ops
 
@@ -90,7 +107,7 @@ def main() -> None:
     env = environment()
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"packed_conv_gpu_{env['date'][:10]}.json"
-    report = {**env, "rows": rows, "all_met": all(r["met"] for r in rows)}
+    report = {**env, "quick": quick(), "rows": rows, "all_met": all(r["met"] for r in rows)}
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"saved {path}")
 

@@ -6,9 +6,11 @@
 2. Batch 1 and 16 through an ``8192 x 8192`` binary linear layer (alpha scale, bf16 out) vs bf16
    ``F.linear``; target >= 8x. Also timed with the input's sign-and-pack included.
 
-    python benchmarks/packed_gemm_gpu.py [--size 8192] [--batches 1 16]
+    python benchmarks/packed_gemm_gpu.py [--size 8192] [--batches 1 16] [--quick]
 
-Times are ``triton.testing.do_bench`` medians (L2 flushed between repetitions). Prints a table and
+Times are ``triton.testing.do_bench`` medians (L2 flushed between repetitions). ``--quick`` (or
+``OVSW_QUICK=1``, the one-shot GPU session) times only the default (autotuned) path, with fewer
+repetitions. Every timed result is first checked against ``kernels/reference.py`` on a slice of rows. Prints a table and
 writes ``benchmarks/results/packed_gemm_gpu_<date>.json`` (GPU, versions, date, command). Needs CUDA.
 """
 
@@ -50,20 +52,37 @@ def environment() -> dict:
     }
 
 
+def quick() -> bool:
+    """Fewer modes and repetitions: ``--quick`` on the command line or ``OVSW_QUICK=1``."""
+    return "--quick" in sys.argv or os.environ.get("OVSW_QUICK") == "1"
+
+
 def bench_us(fn) -> float:
     """Median GPU time of ``fn`` in microseconds (``fn`` is run once first: compilation, autotuning)."""
     from triton.testing import do_bench
 
     fn()
     torch.cuda.synchronize()
-    return 1e3 * do_bench(fn, warmup=50, rep=300, return_mode="median")
+    warmup, rep = (10, 60) if quick() else (50, 300)
+    return 1e3 * do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
 def modes(ops) -> list:
+    """Inner-product modes to time one by one (``None``: the default, all modes competing)."""
+    if quick():
+        return [None]
     found = [None, ops.POPC, ops.DOT_I8, ops.DENSE_I8]
     if torch.cuda.get_device_capability() >= (8, 9):
         found += [ops.DOT_F8, ops.DENSE_F8]
     return found
+
+
+def check_rows(got: torch.Tensor, a_bits: torch.Tensor, b_bits: torch.Tensor, k: int, what: str) -> None:
+    """The first 64 rows of a packed GEMM against the reference (exact integers)."""
+    from lightning_ovsw.kernels import reference
+
+    if not torch.equal(got[:64], reference.packed_gemm(a_bits[:64], b_bits, k)):
+        raise AssertionError(f"{what} disagrees with kernels/reference.py: kernel bug")
 
 
 def square_gemm(ops, size: int) -> list[dict]:
@@ -72,15 +91,13 @@ def square_gemm(ops, size: int) -> list[dict]:
     ops_count = 2 * size**3
     t_ref = bench_us(lambda: torch.matmul(a, b.T))
     a_bits, b_bits = ops.triton_sign_pack(a), ops.triton_sign_pack(b)
-    expect = ops.triton_packed_linear(a_bits, b_bits, size, mode=ops.DOT_I8)
     case = f"gemm {size}^3"
     rows = [{"case": case, "impl": "cuBLAS bf16 matmul", "us": t_ref, "tops": ops_count / t_ref / 1e6}]
     for mode in modes(ops):
         def run(mode=mode):
             return ops.triton_packed_linear(a_bits, b_bits, size, mode=mode)
 
-        if not torch.equal(run(), expect):
-            raise AssertionError(f"mode {MODE_NAMES[mode]} disagrees with int8 mode: kernel bug")
+        check_rows(run(), a_bits, b_bits, size, f"mode {MODE_NAMES[mode]}")
         t = bench_us(run)
         rows.append({"case": case, "impl": f"packed {MODE_NAMES[mode]}", "us": t,
                      "tops": ops_count / t / 1e6, "speedup": t_ref / t})
@@ -124,6 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--quick", action="store_true", help="default path only, fewer repetitions")
     args = parser.parse_args()
     refuse_without_gpu()
     from lightning_ovsw.kernels.triton import ops
@@ -143,7 +161,7 @@ def main() -> None:
     env = environment()
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"packed_gemm_gpu_{env['date'][:10]}.json"
-    path.write_text(json.dumps({**env, "rows": rows, "targets": checks}, indent=2) + "\n")
+    path.write_text(json.dumps({**env, "quick": quick(), "rows": rows, "targets": checks}, indent=2) + "\n")
     print(f"saved {path}")
 
 
