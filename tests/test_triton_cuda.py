@@ -150,7 +150,7 @@ def test_packed_resnet_replays_in_a_cuda_graph() -> None:
     from lightning_ovsw.packed import warmup
 
     cl = torch.channels_last
-    packed_model = pack_model(resnet18_1w1a(num_classes=10)).cuda().to(memory_format=cl)
+    packed_model = pack_model(resnet18_1w1a(num_classes=10).cuda()).to(memory_format=cl)  # packed by Triton
     static = torch.randn(8, 3, 64, 64, device="cuda").to(memory_format=cl)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
