@@ -164,11 +164,11 @@ def binarize_act_backward(grad: Tensor, x: Tensor, inv_std: Tensor | None, estim
     x = _dense(x)
     grad = _like(x, grad)
     out = torch.empty_like(x)
-    block = 1024
+    rows, m = x.shape[0], x.numel() // x.shape[0]
+    block = _block(m, 2048)
     std = inv_std if inv_std is not None else x  # placeholder pointer, not read without HAS_STD
-    k.sign_backward_kernel[(_cdiv(x.numel(), block),)](
-        grad, x, std, out, x.numel(), x.numel() // x.shape[0], ESTIMATOR=estimator,
-        HAS_STD=inv_std is not None, BLOCK=block)
+    k.sign_backward_kernel[(rows, _cdiv(m, block))](grad, x, std, out, m, ESTIMATOR=estimator,
+                                                    HAS_STD=inv_std is not None, BLOCK=block)
     return out
 
 

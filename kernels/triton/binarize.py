@@ -67,23 +67,26 @@ def sign_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def sign_backward_kernel(grad_ptr, x_ptr, inv_std_ptr, out_ptr, numel, M, ESTIMATOR: tl.constexpr,
-                         HAS_STD: tl.constexpr, BLOCK: tl.constexpr):
-    """``out = grad * f'(x * s) * s`` with ``s = inv_std[element // M]`` (or 1 without ``HAS_STD``)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def sign_backward_kernel(grad_ptr, x_ptr, inv_std_ptr, out_ptr, M, ESTIMATOR: tl.constexpr, HAS_STD: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """Program ``(row, b)``: ``out = grad * f'(x * s) * s`` on block ``b`` of sample ``row``, ``s = inv_std[row]``
+    (1 without ``HAS_STD``); a 2-D grid so that ``s`` is one scalar load, not a per-element division."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    ptrs = row * M + offs
+    g = tl.load(grad_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_STD:
-        s = tl.load(inv_std_ptr + offs // M, mask=mask, other=1.0)
+        s = tl.load(inv_std_ptr + row)
     else:
-        s = tl.full((BLOCK,), 1.0, tl.float32)
+        s = 1.0
     if ESTIMATOR == 0:
-        x_hat = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * s
+        x_hat = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(tl.float32) * s
         g = g * tl.maximum(2.0 - 2.0 * tl.abs(x_hat), 0.0)
     elif ESTIMATOR == 2:
-        x_hat = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * s
+        x_hat = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(tl.float32) * s
         g = tl.where(tl.abs(x_hat) <= 1.0, g, 0.0)
-    tl.store(out_ptr + offs, (g * s).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + ptrs, (g * s).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
