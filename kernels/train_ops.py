@@ -17,11 +17,13 @@ The plain PyTorch path in ``lightning_ovsw.layers`` (composed ``standardize_inpu
   by ``|W| <= 1``), ``alpha`` has no gradient.
 
 Each op has a fake kernel, so ``torch.compile`` traces it without a graph break. The ops run on CUDA
-tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests). ``use_fused`` picks the path:
-``FUSED`` (from the environment variable ``LIGHTNING_OVSW_FUSED``: ``1`` forces these ops, ``0`` the plain
-path, unset or ``auto``: these ops for CUDA tensors when Triton imports).
+tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests). ``use_fused`` picks the path: ``FUSED``
+if set, else the environment variable ``LIGHTNING_OVSW_FUSED`` (read at each call, as the OvSW callbacks
+do): ``1`` forces these ops, ``0`` the plain path, unset or ``auto``: these ops for CUDA tensors when Triton
+is installed.
 """
 
+import importlib.util
 import os
 
 import torch
@@ -40,30 +42,26 @@ def _mode_from_env() -> bool | None:
     return modes[value]
 
 
-#: ``True``: always the fused ops; ``False``: always the plain PyTorch path; ``None``: fused for CUDA tensors
-#: when Triton imports. Set it directly to switch at run time (tests, benchmarks).
-FUSED: bool | None = _mode_from_env()
+#: ``True``: always the fused ops; ``False``: always the plain PyTorch path; ``None`` (default): as the
+#: environment variable ``LIGHTNING_OVSW_FUSED`` says at each call (``1``, ``0``, or ``auto``/unset: fused for
+#: CUDA tensors when Triton is installed). Set it to switch in code (tests, benchmarks).
+FUSED: bool | None = None
 
 
-def _triton_importable() -> bool:
-    try:
-        from .triton import binarize  # noqa: F401
-    except Exception:  # noqa: BLE001  (any import failure means: use the plain path)
-        return False
-    return True
-
-
-_TRITON_OK = _triton_importable()
+#: Triton is installed (looked up, not imported: importing the package stays cheap).
+_TRITON_OK = importlib.util.find_spec("triton") is not None
 
 
 def use_fused(x: Tensor, w: Tensor) -> bool:
     """Whether a binary layer with weight ``w`` runs the fused ops on input ``x``.
 
-    Forced by ``FUSED``; automatically for CUDA tensors of float16/bfloat16/float32 when Triton imports
+    Forced by ``FUSED`` or ``LIGHTNING_OVSW_FUSED``; else for CUDA tensors of float16/bfloat16/float32 when
+    Triton is installed
     (float64 always takes the plain path: the kernels accumulate in float32).
     """
-    if FUSED is not None:
-        return FUSED
+    mode = FUSED if FUSED is not None else _mode_from_env()
+    if mode is not None:
+        return mode
     return _TRITON_OK and x.is_cuda and x.dtype in _FLOATS and w.dtype in _FLOATS
 
 

@@ -122,6 +122,20 @@ def test_switch_from_environment(monkeypatch, value, expected):
     assert train_ops._mode_from_env() is expected
 
 
+@pytest.mark.parametrize("value,expected", [("1", True), ("0", False), ("auto", torch.cuda.is_available())])
+def test_use_fused_reads_the_environment_at_each_call(monkeypatch, value, expected):
+    monkeypatch.setattr(train_ops, "FUSED", None)
+    monkeypatch.setenv("LIGHTNING_OVSW_FUSED", value)
+    x = torch.ones(2, 3, device=DEVICE)
+    assert train_ops.use_fused(x, x) is expected
+    monkeypatch.setattr(train_ops, "FUSED", not expected)  # the module flag wins
+    assert train_ops.use_fused(x, x) is (not expected)
+    assert train_ops.use_fused(x.double(), x) is (not expected)
+    monkeypatch.setattr(train_ops, "FUSED", None)
+    monkeypatch.setenv("LIGHTNING_OVSW_FUSED", "auto")
+    assert not train_ops.use_fused(x.double(), x)  # float64 takes the plain path unless forced
+
+
 def test_switch_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv("LIGHTNING_OVSW_FUSED", "yes please")
     with pytest.raises(ValueError, match="LIGHTNING_OVSW_FUSED"):
