@@ -1,0 +1,152 @@
+"""CIFAR-10 accuracy of the paper's ablation (vanilla, AGS, SAD, AGS+SAD) at one equal schedule, several seeds.
+
+Each (variant, seed) is one ``lightning-ovsw fit`` run of the recipe YAML in ``configs/``, several at once
+(they share one GPU well: small networks leave it idle between kernels). ``--epochs`` stops every run
+early on the full ``--schedule-epochs`` cosine schedule, so a later invocation with ``--resume`` and a
+larger ``--epochs`` continues each run from its ``last.ckpt`` on the same schedule. Then it reads the
+final and best ``val/acc1`` from the TensorBoard logs, runs ``flip_analysis.py`` on the vanilla and
+AGS+SAD runs of the first seed, and writes ``benchmarks/results/accuracy.{md,json}``.
+
+    python benchmarks/accuracy.py --data ../shared/data/cifar10-jpeg.tar.xz --epochs 30 --parallel 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {"vanilla": "_vanilla", "AGS": "_ags", "SAD": "_sad", "AGS+SAD": ""}
+# Paper, CIFAR-10 at 600 epochs (top-1 %): OvSW (AGS+SAD) only; the paper's ablation is on CIFAR-100.
+PAPER = {"resnet20": {"AGS+SAD": 87.7}, "resnet18": {"AGS+SAD": 93.2}, "vgg_small": {"AGS+SAD": 92.8}}
+
+
+def run_dir(out: Path, model: str, variant: str, seed: int) -> Path:
+    return out / f"{model}_{variant.replace('+', '_')}_seed{seed}"
+
+
+def command(args: argparse.Namespace, variant: str, seed: int) -> list[str]:
+    directory = run_dir(args.runs, args.model, variant, seed)
+    config = ROOT / "configs" / f"cifar10_{args.model}{VARIANTS[variant]}.yaml"
+    cmd = [
+        str(Path(sys.executable).parent / "lightning-ovsw"), "fit", "-c", str(config),
+        f"--seed_everything={seed}", f"--data.init_args.seed={seed}", f"--trainer.max_epochs={args.epochs}",
+        f"--model.schedule_epochs={args.schedule_epochs}", f"--model.warmup_epochs={args.warmup_epochs}",
+        f"--data.init_args.data_dir={args.data}", "--data.init_args.download=false",
+        f"--trainer.default_root_dir={directory}", f"--trainer.logger.init_args.save_dir={directory}",
+        "--trainer.logger.init_args.name=tb", "--trainer.logger.init_args.version=0", "--trainer.enable_progress_bar=false",
+        *args.extra,
+    ]
+    last = next(directory.glob("**/last.ckpt"), None)
+    if args.resume and last is not None:
+        cmd.append(f"--ckpt_path={last}")
+    return cmd
+
+
+def read_accuracy(directory: Path) -> dict[str, float | int]:
+    events = EventAccumulator(str(directory / "tb" / "version_0"), size_guidance={"scalars": 0})
+    events.Reload()
+    accs = events.Scalars("val/acc1")
+    epochs = events.Scalars("epoch") if "epoch" in events.Tags()["scalars"] else []
+    return {"final": 100 * accs[-1].value, "best": 100 * max(a.value for a in accs),
+            "epochs": int(max(e.value for e in epochs)) + 1 if epochs else len(accs)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="CIFAR-10 ImageFolder root, its .tar.xz, or a torchvision root")
+    parser.add_argument("--model", default="resnet20", choices=sorted(PAPER))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--epochs", type=int, required=True, help="stop every run after this many epochs")
+    parser.add_argument("--schedule-epochs", type=float, default=600, help="cosine schedule length (recipe: 600)")
+    parser.add_argument("--warmup-epochs", type=float, default=5)
+    parser.add_argument("--parallel", type=int, default=4, help="runs at once")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "accuracy")
+    parser.add_argument("--resume", action="store_true", help="continue runs from their last.ckpt")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy")
+    parser.add_argument("extra", nargs="*", help="more CLI overrides after --, e.g. -- --trainer.precision=32-true")
+    args = parser.parse_args()
+    if args.schedule_epochs < args.epochs:
+        parser.error("--schedule-epochs must be >= --epochs")
+
+    jobs = [(v, s) for v in args.variants for s in args.seeds]
+    start, running, failed = time.time(), [], []
+    while jobs or running:
+        while jobs and len(running) < args.parallel:
+            variant, seed = jobs.pop(0)
+            directory = run_dir(args.runs, args.model, variant, seed)
+            directory.mkdir(parents=True, exist_ok=True)
+            log = open(directory / "fit.log", "a")  # noqa: SIM115  (closed when the run ends)
+            running.append((variant, seed, log, subprocess.Popen(command(args, variant, seed), stdout=log, stderr=log)))
+        time.sleep(2)
+        for item in [r for r in running if r[3].poll() is not None]:
+            running.remove(item)
+            item[2].close()
+            if item[3].returncode:
+                log_path = run_dir(args.runs, args.model, item[0], item[1]) / "fit.log"
+                failed.append(f"{item[0]} seed {item[1]} (exit {item[3].returncode}, see {log_path})")
+    if failed:
+        sys.exit("runs failed: " + "; ".join(failed))
+    wall = time.time() - start
+
+    rows = {}
+    for variant in args.variants:
+        per_seed = {s: read_accuracy(run_dir(args.runs, args.model, variant, s)) for s in args.seeds}
+        finals = [r["final"] for r in per_seed.values()]
+        rows[variant] = {
+            "per_seed": per_seed, "mean": statistics.mean(finals),
+            "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "epochs": min(r["epochs"] for r in per_seed.values()),
+            "paper_600_epochs": PAPER[args.model].get(variant),
+        }
+    flips = None
+    if {"vanilla", "AGS+SAD"} <= set(args.variants):
+        sys.path.insert(0, str(Path(__file__).parent))
+        import flip_analysis
+
+        first = args.seeds[0]
+        vanilla, ovsw = (next(run_dir(args.runs, args.model, v, first).glob("**/last.ckpt")) for v in ("vanilla", "AGS+SAD"))
+        flips = flip_analysis.main(["--vanilla", str(vanilla), "--ovsw", str(ovsw), "--out", f"{args.out}_flips"])
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    record = {
+        "benchmark": "accuracy", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "command": " ".join(["python", *sys.argv]), "device": device, "torch": torch.__version__,
+        "model": args.model, "epochs": args.epochs, "schedule_epochs": args.schedule_epochs,
+        "wall_s": wall, "results": rows, "flip_analysis": flips,
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    lines = [
+        f"# CIFAR-10 {args.model} 1W1A: OvSW ablation ({args.epochs} of {args.schedule_epochs:g} scheduled epochs)",
+        "",
+        f"{record['date'][:10]}, {device}, torch {torch.__version__}, {len(args.seeds)} seeds, wall {wall / 60:.1f} min.",
+        f"Command: `{record['command']}`",
+        "",
+        "| variant | epochs | top-1 final, mean ± std (%) | per seed (final / best) | paper, 600 epochs |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for variant, r in rows.items():
+        seeds = ", ".join(f"{v['final']:.2f} / {v['best']:.2f}" for v in r["per_seed"].values())
+        paper = f"{r['paper_600_epochs']:.1f}" if r["paper_600_epochs"] else "—"
+        lines.append(f"| {variant} | {r['epochs']} | {r['mean']:.2f} ± {r['std']:.2f} | {seeds} | {paper} |")
+    if flips:
+        shares = ", ".join(f"{k} {100 * v['never_flipped_share']:.1f}%" for k, v in flips["runs"].items())
+        lines += ["", f"Never-flipped share of `{flips['runs']['vanilla']['layer']}` (seed {args.seeds[0]}): {shares}; "
+                  f"flip count vs |W|: `{flips['picture']['file']}` (left vanilla, right OvSW)."]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
