@@ -200,7 +200,7 @@ def binarize_weight(w: Tensor, estimator: int, dtype: torch.dtype) -> tuple[Tens
     _check(w, "w")
     _check_weight_args(w, estimator, dtype)
     _, k = _kernels()
-    w = w.contiguous()
+    w = _dense(w)  # channels_last weights keep their layout: rows stay contiguous, alpha ignores the order
     rows, cols = w.shape[0], w.numel() // w.shape[0]
     sign = torch.empty_like(w, dtype=dtype)
     alpha = torch.empty(rows, device=w.device, dtype=torch.float32)
@@ -212,8 +212,7 @@ def binarize_weight(w: Tensor, estimator: int, dtype: torch.dtype) -> tuple[Tens
 def _(w: Tensor, estimator: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     _check_fake(w, "w")
     _check_weight_args(w, estimator, dtype)
-    return torch.empty_like(w, dtype=dtype, memory_format=torch.contiguous_format), w.new_empty(
-        w.shape[0], dtype=torch.float32)
+    return torch.empty_like(_dense(w), dtype=dtype), w.new_empty(w.shape[0], dtype=torch.float32)
 
 
 def _weight_setup(ctx, inputs, output) -> None:

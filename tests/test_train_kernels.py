@@ -55,11 +55,20 @@ def test_binarize_act_forward_is_exact(dtype, out_dtype):
     assert out.view(-1)[:6].tolist() == [1, 1, 1, -1, 1, -1]
 
 
-def test_binarize_act_keeps_channels_last():
+def test_binarize_act_and_weight_keep_channels_last():
     x = torch.randn(2, 6, 5, 3).to(memory_format=torch.channels_last)
     out = train_ops.binarize_act(x, None, 0, torch.float16)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out.double(), sign64(x))
+    sign, alpha = train_ops.binarize_weight(x, 1, torch.float16)
+    assert sign.is_contiguous(memory_format=torch.channels_last) and torch.equal(sign.double(), sign64(x))
+    torch.testing.assert_close(alpha, train_ops.binarize_weight(x.contiguous(), 1, torch.float16)[1])
+
+
+def test_conv_layer_channels_last(monkeypatch):
+    layer = BinaryConv2d(6, 4, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 5, 7).to(memory_format=torch.channels_last)
+    _assert_paths_agree(layer, x, monkeypatch)
 
 
 @pytest.mark.parametrize("estimator", list(DERIVATIVES))
