@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -235,6 +236,9 @@ struct Neon {
 // Sign bits of k floats into ceil(k / 32) words (x < 0, LSB first), vectorized for the current ISA.
 using PackRowFn = void (*)(const float*, u32*, int64_t);
 PackRowFn pack_row_fn();
+struct Epilogue;
+// One output row of a tile, stored as floats (see epilogue_row below).
+using RowFn = void (*)(const Epilogue&, int64_t, const int32_t*, int64_t, int64_t);
 
 constexpr int64_t BLOCK_M = 48, BLOCK_N = 64;  // GEMM tile: multiples of every MR / NR and of the AVX-512 panel
 
@@ -260,6 +264,7 @@ struct Epilogue {
   float lo = 0.0f, hi = 0.0f;
   u32* bits = nullptr;
   PackRowFn pack_row = nullptr;  // for the sign bits (sign or bits)
+  RowFn row_store = nullptr;     // float outputs: the fused row epilogue for these options (select_row)
 
   // Branch-free inner loops (the compiler vectorizes them); cols <= BLOCK_N.
   void accumulators(int64_t row, const int32_t* pop, int64_t n0, int64_t cols, int32_t* acc) const {
@@ -285,27 +290,10 @@ struct Epilogue {
     }
   }
 
-  template <typename T>
-  void store(int64_t row, const int32_t* pop, int64_t n0, int64_t cols) const {
+  void store_raw(int64_t row, const int32_t* pop, int64_t n0, int64_t cols) const {
     int32_t acc[BLOCK_N];
     accumulators(row, pop, n0, cols, acc);
-    T* o = static_cast<T*>(out) + row * n + n0;
-    if constexpr (std::is_same_v<T, int32_t>) {
-      std::memcpy(o, acc, cols * sizeof(int32_t));
-    } else {
-      float f[BLOCK_N];
-      floats(row, acc, n0, cols, f);
-      if (!clamp) {
-        for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<T>(f[j]);
-        return;
-      }
-      for (int64_t j = 0; j < cols; ++j) {
-        const float v = static_cast<float>(static_cast<T>(f[j]));
-        f[j] = static_cast<float>(static_cast<T>(v < lo ? lo : (hi < v ? hi : v)));
-        o[j] = static_cast<T>(f[j]);
-      }
-      if (bits) store_bits(row, f, n0, cols, bits);
-    }
+    std::memcpy(static_cast<int32_t*>(out) + row * n + n0, acc, cols * sizeof(int32_t));
   }
 
   // Sign bits of f (the tile's values) into the packed row; n0 is a multiple of BLOCK_N, so the tile's
@@ -325,14 +313,87 @@ struct Epilogue {
 
   void operator()(int64_t row, const int32_t* pop, int64_t n0, int64_t cols) const {
     if (sign) return store_sign(row, pop, n0, cols);
-    if (raw) return store<int32_t>(row, pop, n0, cols);
-    switch (dtype) {
-      case at::kBFloat16: return store<c10::BFloat16>(row, pop, n0, cols);
-      case at::kHalf: return store<c10::Half>(row, pop, n0, cols);
-      default: return store<float>(row, pop, n0, cols);
-    }
+    if (raw) return store_raw(row, pop, n0, cols);
+    row_store(*this, row, pop, n0, cols);
   }
 };
+
+// Float outputs in one pass per row: acc -> float -> * scale -> + bias -> + residual (each step rounded like
+// the reference), cast to T; with C (packed_conv2d_act) clamped to [lo, hi] after the cast, as torch's
+// hardtanh on the T tensor, and the sign bits of the stored values written too. The options are template
+// arguments and the body is compiled for each ISA (the build's baseline is plain x86-64), so the loop is one
+// branch-free vector loop.
+template <class T, bool S, bool B, bool R, bool C>
+__attribute__((always_inline)) inline void epilogue_row(const Epilogue& e, int64_t row, const int32_t* pop,
+                                                        int64_t n0, int64_t cols) {
+  int32_t acc[BLOCK_N];
+  float f[BLOCK_N];
+  e.accumulators(row, pop, n0, cols, acc);
+  T* o = static_cast<T*>(e.out) + row * e.n + n0;
+  const float* sc = S ? e.scale + n0 : nullptr;
+  const float* bi = B ? e.bias + n0 : nullptr;
+  const float* re = R ? e.residual + row * e.n + n0 : nullptr;
+  const float lo = e.lo, hi = e.hi;
+  for (int64_t j = 0; j < cols; ++j) {
+    float v = static_cast<float>(acc[j]);
+    if constexpr (S) v = v * sc[j];
+    if constexpr (B) v = v + bi[j];
+    if constexpr (R) v = v + re[j];
+    if constexpr (C) {
+      v = static_cast<float>(static_cast<T>(v));
+      v = v < lo ? lo : (hi < v ? hi : v);
+    }
+    const T t = static_cast<T>(v);
+    o[j] = t;
+    if constexpr (C) f[j] = static_cast<float>(t);
+  }
+  if constexpr (C) {
+    if (e.bits) e.pack_row(f, e.bits + row * ((e.n + 31) / 32) + n0 / 32, cols);
+  }
+}
+
+template <class T, bool S, bool B, bool R, bool C>
+void row_portable(const Epilogue& e, int64_t row, const int32_t* pop, int64_t n0, int64_t cols) {
+  epilogue_row<T, S, B, R, C>(e, row, pop, n0, cols);
+}
+#if defined(__x86_64__)
+template <class T, bool S, bool B, bool R, bool C>
+OVSW_AVX2 void row_avx2(const Epilogue& e, int64_t row, const int32_t* pop, int64_t n0, int64_t cols) {
+  epilogue_row<T, S, B, R, C>(e, row, pop, n0, cols);
+}
+template <class T, bool S, bool B, bool R, bool C>
+OVSW_AVX512 void row_avx512(const Epilogue& e, int64_t row, const int32_t* pop, int64_t n0, int64_t cols) {
+  epilogue_row<T, S, B, R, C>(e, row, pop, n0, cols);
+}
+#endif
+
+template <class T, int I>
+RowFn row_variant(int64_t isa) {
+  constexpr bool S = I & 1, B = I & 2, R = I & 4, C = I & 8;
+#if defined(__x86_64__)
+  if (isa == AVX512) return row_avx512<T, S, B, R, C>;
+  if (isa == AVX2) return row_avx2<T, S, B, R, C>;
+#endif
+  return row_portable<T, S, B, R, C>;
+}
+
+template <class T, int... I>
+RowFn row_table(int index, int64_t isa, std::integer_sequence<int, I...>) {
+  const RowFn fns[] = {row_variant<T, I>(isa)...};
+  return fns[index];
+}
+
+// The row epilogue for e's options, output dtype and the current ISA; call after every option is set.
+void select_row(Epilogue& e) {
+  const int index = (e.scale != nullptr) | (e.bias != nullptr) << 1 | (e.residual != nullptr) << 2 | e.clamp << 3;
+  const auto all = std::make_integer_sequence<int, 16>{};
+  switch (e.dtype) {
+    case at::kBFloat16: e.row_store = row_table<c10::BFloat16>(index, get_isa(), all); break;
+    case at::kHalf: e.row_store = row_table<c10::Half>(index, get_isa(), all); break;
+    default: e.row_store = row_table<float>(index, get_isa(), all);
+  }
+  e.pack_row = pack_row_fn();
+}
 
 // ------------------------------------------------------------------------------------------- GEMM
 
@@ -514,6 +575,7 @@ at::Tensor linear_impl(const at::Tensor& a, const at::Tensor& b, int64_t k, cons
   epi.n = n;
   epi.base = k;
   set_epilogue(epi, scale, bias, residual, raw, out);
+  select_row(epi);
   if (m && n) {
     run_gemm(reinterpret_cast<const u32*>(a.data_ptr<int32_t>()), a.size(1),
              reinterpret_cast<const u32*>(b.data_ptr<int32_t>()), b.size(1), m, n, a.size(1), epi);
@@ -551,13 +613,13 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels,
   epi.base = taps * channels;
   set_epilogue(epi, scale, bias, residual, raw, out);
   epi.sign = sign;
-  epi.pack_row = pack_row_fn();
   if (act) {
     epi.clamp = act->clamp;
     epi.lo = act->lo;
     epi.hi = act->hi;
     epi.bits = act->bits;
   }
+  select_row(epi);
 
   // Border patterns (pad_value = 0): which kernel rows / columns fall in the padding, per output row / col.
   auto masks = [](int64_t size, int64_t out_size, int64_t k, int64_t s, int64_t p, int64_t d) {
