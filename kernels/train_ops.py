@@ -3,15 +3,19 @@
 The plain PyTorch path in ``lightning_ovsw.layers`` (composed ``standardize_input`` + sign estimators +
 ``standardized_scale``) is the reference; these ops compute the same values in fewer passes:
 
-- ``ovsw::sample_inv_std(x)``: per-sample ``1 / sqrt(var + 1e-5)`` in float32 (unbiased ``var`` over the
-  non-batch dims), one read of ``x``, no float32 copy; no gradient (the authors detach it).
-- ``ovsw::binarize_act(x, inv_std, estimator, dtype)``: ``sign(x)`` in ``dtype`` (the dtype the conv runs
-  in, e.g. float16 under autocast). It saves only ``x`` itself (+ ``inv_std``, one float per sample) for
-  the backward: ``x`` is the producer's output, so autograd shares its storage with any other layer that
-  saves it (ResNet-18's ``conv1`` and downsample conv read the same ``x``) instead of writing and keeping
-  a new ``x / std`` tensor per layer as the plain path does. The estimator derivative is recomputed from
-  ``x`` in the fused backward ``dL/dx = dL/dsign * f'(x * inv_std) * inv_std``; the straight-through
-  estimator saves nothing.
+- ``ovsw::binarize_act(x, standardize, estimator, dtype) -> (sign, inv_std)``: ``sign(x)`` written directly
+  in ``dtype`` (the dtype the conv runs in, e.g. float16 under autocast) and, from the same read of ``x`` (the
+  sign does not need the std), the per-sample ``1 / sqrt(var + 1e-5)`` in float32 (unbiased ``var`` over the
+  non-batch dims; no float32 copy of ``x``; no gradient, the authors detach it). For the backward it keeps
+  ``x`` itself (+ one float per sample): ``x`` is the producer's output, so autograd shares its storage with
+  any other op that saves it, instead of a new ``x / std`` tensor per layer as the plain path keeps. The
+  estimator derivative is recomputed from ``x`` in one fused pass, ``dL/dx = dL/dsign * f'(x * inv_std) *
+  inv_std`` (``ovsw::binarize_act_backward``); the straight-through estimator keeps nothing. A 1-byte code
+  cannot hold Bi-Real's derivative exactly, and the derivative in the compute dtype is as large as ``x``.
+- ``ovsw::binary_conv2d(x, w_sign, standardize, estimator, stride, pad, dilation, pad_value)``: the same
+  binarization followed by the convolution, keeping ``x`` (not ``sign(x)``) for the backward and recomputing
+  the signs there: one saved activation per binary conv, as for a float conv (the plain path keeps two:
+  ``x / std`` for the estimator and ``sign(x)`` for the weight gradient).
 - ``ovsw::binarize_weight(w, estimator, dtype)``: ``(sign(W) in dtype, alpha)`` in one kernel, with
   ``alpha_i = mean(|standardize(W[i])|)`` (float32); backward: straight through (``clipped_ste``: masked
   by ``|W| <= 1``), ``alpha`` has no gradient.
@@ -111,84 +115,82 @@ def _block(n: int, cap: int) -> int:
     return min(cap, max(16, 1 << (n - 1).bit_length()))
 
 
-# ------------------------------------------------------------------------------------------ ops
-@torch.library.custom_op("ovsw::sample_inv_std", mutates_args=())
-def sample_inv_std(x: Tensor) -> Tensor:
-    """``1 / sqrt(var(x[n]) + 1e-5)`` per sample ``n`` (unbiased ``var`` over all other dims), float32."""
-    _check(x, "x")
+def _signs(x: Tensor, dtype: torch.dtype, standardize: bool) -> tuple[Tensor, Tensor]:
+    """``sign(x)`` in ``dtype`` and, if ``standardize``, the per-sample ``1 / sqrt(var + 1e-5)`` (float32
+    ``[N]``; else an empty tensor), from one read of ``x``."""
     _, k = _kernels()
     x = _dense(x)
     n, m = x.shape[0], x.numel() // x.shape[0]
     block = _block(m, 4096)
-    nb = -(-m // block)
+    nb = _cdiv(m, block)
+    sign = torch.empty_like(x, dtype=dtype)
+    if not standardize:
+        k.sign_moments_kernel[(n, nb)](x, sign, x, x, m, nb, MOMENTS=False, BLOCK=block, num_warps=8)
+        return sign, x.new_empty(0, dtype=torch.float32)
     mean = torch.empty((n, nb), device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
-    out = torch.empty(n, device=x.device, dtype=torch.float32)
-    k.row_moments_kernel[(n, nb)](x, mean, m2, m, nb, BLOCK=block, num_warps=8)
-    k.inv_std_kernel[(n,)](mean, m2, out, m, nb, BLOCK=block, NB_BLOCK=_block(nb, 256))
-    return out
+    inv_std = torch.empty(n, device=x.device, dtype=torch.float32)
+    k.sign_moments_kernel[(n, nb)](x, sign, mean, m2, m, nb, MOMENTS=True, BLOCK=block, num_warps=8)
+    k.inv_std_kernel[(n,)](mean, m2, inv_std, m, nb, BLOCK=block, NB_BLOCK=_block(nb, 256))
+    return sign, inv_std
 
 
-@sample_inv_std.register_fake
-def _(x: Tensor) -> Tensor:
-    _check_fake(x, "x")
-    return x.new_empty(x.shape[0], dtype=torch.float32)
+def _signs_fake(x: Tensor, dtype: torch.dtype, standardize: bool) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(_dense(x), dtype=dtype), x.new_empty(x.shape[0] if standardize else 0, dtype=torch.float32)
 
 
+# ------------------------------------------------------------------------------------------ ops
 @torch.library.custom_op("ovsw::binarize_act", mutates_args=())
-def binarize_act(x: Tensor, inv_std: Tensor | None, estimator: int, dtype: torch.dtype) -> Tensor:
-    """``sign(x)`` (+1 for ``x >= 0``, ``-0.0`` included) in ``dtype``; ``inv_std`` only shapes the gradient."""
+def binarize_act(x: Tensor, standardize: bool, estimator: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(sign(x)`` in ``dtype`` (+1 for ``x >= 0``, ``-0.0`` included), ``inv_std)``: the per-sample
+    ``1 / sqrt(var + 1e-5)`` (float32 ``[N]``) if ``standardize``, else empty; it only shapes the gradient."""
     _check(x, "x")
-    _check_act_args(x, inv_std, estimator, dtype)
-    _, k = _kernels()
-    x = _dense(x)
-    out = torch.empty_like(x, dtype=dtype)
-    block = 1024
-    k.sign_kernel[(_cdiv(x.numel(), block),)](x, out, x.numel(), BLOCK=block)
-    return out
+    _check_act_args(estimator, dtype)
+    return _signs(x, dtype, standardize)
 
 
 @binarize_act.register_fake
-def _(x: Tensor, inv_std: Tensor | None, estimator: int, dtype: torch.dtype) -> Tensor:
+def _(x: Tensor, standardize: bool, estimator: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     _check_fake(x, "x")
-    _check_act_args(x, inv_std, estimator, dtype)
-    return torch.empty_like(_dense(x), dtype=dtype)
+    _check_act_args(estimator, dtype)
+    return _signs_fake(x, dtype, standardize)
 
 
 @torch.library.custom_op("ovsw::binarize_act_backward", mutates_args=())
-def binarize_act_backward(grad: Tensor, x: Tensor, inv_std: Tensor | None, estimator: int) -> Tensor:
-    """``dL/dx = grad * f'(x * inv_std) * inv_std`` (``f'`` of the estimator), in ``x``'s dtype."""
+def binarize_act_backward(grad: Tensor, x: Tensor, inv_std: Tensor, estimator: int) -> Tensor:
+    """``dL/dx = grad * f'(x * inv_std) * inv_std`` (``f'`` of the estimator; no ``inv_std`` factor if it is
+    empty), in ``x``'s dtype."""
     _, k = _kernels()
     x = _dense(x)
     grad = _like(x, grad)
     out = torch.empty_like(x)
     rows, m = x.shape[0], x.numel() // x.shape[0]
     block = _block(m, 2048)
-    std = inv_std if inv_std is not None else x  # placeholder pointer, not read without HAS_STD
-    k.sign_backward_kernel[(rows, _cdiv(m, block))](grad, x, std, out, m, ESTIMATOR=estimator,
-                                                    HAS_STD=inv_std is not None, BLOCK=block)
+    k.sign_backward_kernel[(rows, _cdiv(m, block))](grad, x, inv_std, out, m, ESTIMATOR=estimator,
+                                                    HAS_STD=inv_std.numel() > 0, BLOCK=block)
     return out
 
 
 @binarize_act_backward.register_fake
-def _(grad: Tensor, x: Tensor, inv_std: Tensor | None, estimator: int) -> Tensor:
+def _(grad: Tensor, x: Tensor, inv_std: Tensor, estimator: int) -> Tensor:
     return torch.empty_like(_dense(x))
 
 
 def _act_setup(ctx, inputs, output) -> None:
-    x, inv_std, estimator, _ = inputs
+    x, _, estimator, _ = inputs
     ctx.estimator = estimator
-    ctx.save_for_backward(None if estimator == ACTIVATION_CODES["ste"] else x, inv_std)
-    ctx.x_meta = (x.shape, x.dtype)
+    ctx.x_meta = (x.dim(), x.dtype)
+    ctx.save_for_backward(None if estimator == ACTIVATION_CODES["ste"] else x, output[1])
 
 
-def _act_backward(ctx, grad: Tensor):
+def _act_backward(ctx, grad: Tensor, _grad_inv_std: Tensor | None):
     x, inv_std = ctx.saved_tensors
-    if x is None:  # straight through: only the 1/std of the standardization
-        shape, dtype = ctx.x_meta
-        g = grad.to(dtype)
-        return (g if inv_std is None else g * inv_std.view(-1, *[1] * (len(shape) - 1)).to(dtype)), None, None, None
-    return binarize_act_backward(grad, x, inv_std, ctx.estimator), None, None, None
+    if x is not None:
+        return binarize_act_backward(grad, x, inv_std, ctx.estimator), None, None, None
+    ndim, dtype = ctx.x_meta  # straight through: only the 1/std of the standardization
+    if inv_std.numel() == 0:
+        return grad.to(dtype), None, None, None
+    return grad.to(dtype) * inv_std.view(-1, *[1] * (ndim - 1)).to(dtype), None, None, None
 
 
 binarize_act.register_autograd(_act_backward, setup_context=_act_setup)
@@ -233,60 +235,62 @@ binarize_weight.register_autograd(_weight_backward, setup_context=_weight_setup)
 
 
 @torch.library.custom_op("ovsw::binary_conv2d", mutates_args=())
-def binary_conv2d(x: Tensor, inv_std: Tensor | None, w_sign: Tensor, estimator: int, stride: list[int],
-                  pad: list[int], dilation: list[int], pad_value: int) -> Tensor:
-    """``conv2d(pad(sign(x), pad, pad_value), w_sign)`` (``pad`` in ``F.pad`` order: left, right, top, bottom).
+def binary_conv2d(x: Tensor, w_sign: Tensor, standardize: bool, estimator: int, stride: list[int], pad: list[int],
+                  dilation: list[int], pad_value: int) -> tuple[Tensor, Tensor]:
+    """``(conv2d(pad(sign(x), pad, pad_value), w_sign), inv_std)`` (``pad`` in ``F.pad`` order: left, right, top,
+    bottom; ``inv_std`` as in ``binarize_act``, kept for the backward).
 
-    For the backward it saves ``x`` (+ ``inv_std``) and ``w_sign``, not ``sign(x)``: the signs are recomputed
-    (one elementwise pass), so a binary conv keeps one activation tensor alive, as a float conv does.
+    For the backward it saves ``x``, ``inv_std`` and ``w_sign``, not ``sign(x)``: the signs are recomputed (one
+    elementwise pass), so a binary conv keeps one activation tensor alive, as a float conv does.
     """
     _check(x, "x")
-    _check_conv_args(x, inv_std, w_sign, estimator, stride, pad, dilation, pad_value)
-    xb, conv_pad = _padded_signs(x, w_sign.dtype, pad, pad_value)
-    return torch.ops.aten.convolution(xb, w_sign, None, stride, conv_pad, dilation, False, [0, 0], 1)
+    _check_conv_args(x, w_sign, estimator, stride, pad, dilation, pad_value)
+    xb, inv_std = _signs(x, w_sign.dtype, standardize)
+    xb, conv_pad = _pad(xb, pad, pad_value)
+    return torch.ops.aten.convolution(xb, w_sign, None, stride, conv_pad, dilation, False, [0, 0], 1), inv_std
 
 
 @binary_conv2d.register_fake
-def _(x, inv_std, w_sign, estimator, stride, pad, dilation, pad_value):
+def _(x, w_sign, standardize, estimator, stride, pad, dilation, pad_value):
     _check_fake(x, "x")
-    _check_conv_args(x, inv_std, w_sign, estimator, stride, pad, dilation, pad_value)
-    xb, conv_pad = _padded_signs(x, w_sign.dtype, pad, pad_value)
-    return torch.ops.aten.convolution(xb, w_sign, None, stride, conv_pad, dilation, False, [0, 0], 1)
+    _check_conv_args(x, w_sign, estimator, stride, pad, dilation, pad_value)
+    xb, inv_std = _signs_fake(x, w_sign.dtype, standardize)
+    xb, conv_pad = _pad(xb, pad, pad_value)
+    return torch.ops.aten.convolution(xb, w_sign, None, stride, conv_pad, dilation, False, [0, 0], 1), inv_std
 
 
-def _padded_signs(x: Tensor, dtype: torch.dtype, pad: list[int], pad_value: int) -> tuple[Tensor, list[int]]:
-    """``sign(x)`` in ``dtype``, padded explicitly unless the conv's own (symmetric, zero) padding does it;
-    returns it with the padding left for the conv."""
-    xb = binarize_act(x, None, ACTIVATION_CODES["ste"], dtype)
+def _pad(xb: Tensor, pad: list[int], pad_value: int) -> tuple[Tensor, list[int]]:
+    """``xb`` padded explicitly unless the conv's own (symmetric, zero) padding does it; returns it with the
+    padding left for the conv."""
     left, right, top, bottom = pad
-    if pad_value == 0 and left == right and top == bottom:
+    if (pad_value == 0 or not any(pad)) and left == right and top == bottom:
         return xb, [top, left]
     return torch.nn.functional.pad(xb, pad, value=float(pad_value)), [0, 0]
 
 
 def _conv_setup(ctx, inputs, output) -> None:
-    x, inv_std, w_sign, estimator, stride, pad, dilation, pad_value = inputs
+    x, w_sign, _, estimator, stride, pad, dilation, pad_value = inputs
     ctx.args = (estimator, stride, pad, dilation, pad_value)
-    ctx.save_for_backward(x, inv_std, w_sign)
+    ctx.save_for_backward(x, output[1], w_sign)
 
 
-def _conv_backward(ctx, grad: Tensor):
+def _conv_backward(ctx, grad: Tensor, _grad_inv_std: Tensor | None):
     x, inv_std, w_sign = ctx.saved_tensors
     estimator, stride, pad, dilation, pad_value = ctx.args
-    xb, conv_pad = _padded_signs(x, w_sign.dtype, pad, pad_value)
+    xb, conv_pad = _pad(binarize_act(x, False, ACTIVATION_CODES["ste"], w_sign.dtype)[0], pad, pad_value)
     grad_xb, grad_w, _ = torch.ops.aten.convolution_backward(
         grad.to(w_sign.dtype), xb, w_sign, None, stride, conv_pad, dilation, False, [0, 0], 1, [True, True, False])
     if list(conv_pad) != [pad[2], pad[0]]:  # explicitly padded: drop the gradient of the padding
         grad_xb = grad_xb[:, :, pad[2]:pad[2] + x.shape[2], pad[0]:pad[0] + x.shape[3]]
-    return binarize_act_backward(grad_xb, x, inv_std, estimator), None, grad_w, None, None, None, None, None
+    return binarize_act_backward(grad_xb, x, inv_std, estimator), grad_w, None, None, None, None, None, None
 
 
 binary_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
 # ------------------------------------------------------------------------------------------ validation
-def _check_conv_args(x, inv_std, w_sign, estimator, stride, pad, dilation, pad_value) -> None:
-    _check_act_args(x, inv_std, estimator, w_sign.dtype)
+def _check_conv_args(x, w_sign, estimator, stride, pad, dilation, pad_value) -> None:
+    _check_act_args(estimator, w_sign.dtype)
     if x.dim() != 4 or w_sign.dim() != 4 or x.shape[1] != w_sign.shape[1]:
         raise ValueError(
             f"binary_conv2d needs x [N, C, H, W] and w_sign [Cout, C, KH, KW] with the same C, got "
@@ -301,16 +305,10 @@ def _check_fake(x: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a float16, bfloat16 or float32 tensor, got {x.dtype}")
 
 
-def _check_act_args(x: Tensor, inv_std: Tensor | None, estimator: int, dtype: torch.dtype) -> None:
+def _check_act_args(estimator: int, dtype: torch.dtype) -> None:
     _check_dtype(dtype)
     if estimator not in ACTIVATION_CODES.values():
         raise ValueError(f"estimator must be one of the codes {ACTIVATION_CODES}, got {estimator!r}")
-    if inv_std is not None and (inv_std.dtype != torch.float32 or tuple(inv_std.shape) != (x.shape[0],)):
-        raise ValueError(
-            f"inv_std must be float32 of shape ({x.shape[0]},) (one value per sample, from sample_inv_std), got "
-            f"{inv_std.dtype} {tuple(inv_std.shape)}")
-    if inv_std is not None and inv_std.device != x.device:
-        raise ValueError(f"inv_std is on {inv_std.device} but x on {x.device}; move both to one device.")
 
 
 def _check_weight_args(w: Tensor, estimator: int, dtype: torch.dtype) -> None:
@@ -323,17 +321,15 @@ def _check_weight_args(w: Tensor, estimator: int, dtype: torch.dtype) -> None:
 def fused_binary_input(x: Tensor, standardize: bool, estimator: str, dtype: torch.dtype) -> Tensor:
     """``sign(x)`` in ``dtype`` with the gradient of ``estimator`` applied to ``x / std`` (``standardize``)
     or to ``x`` (eval mode) — the fused twin of ``BinaryLayer.binary_input``."""
-    inv_std = sample_inv_std(x.detach()) if standardize else None
-    return binarize_act(x, inv_std, ACTIVATION_CODES[estimator], dtype)
+    return binarize_act(x, standardize, ACTIVATION_CODES[estimator], dtype)[0]
 
 
 def fused_binary_conv2d(x: Tensor, w_sign: Tensor, standardize: bool, estimator: str, stride: tuple[int, int],
                         pad: tuple[int, int, int, int], dilation: tuple[int, int], pad_value: int) -> Tensor:
     """``conv2d`` of the padded ``sign(x)`` with ``w_sign`` (``pad`` in ``F.pad`` order), the activation
     gradient of ``estimator`` on ``x / std`` (``standardize``) or ``x``."""
-    inv_std = sample_inv_std(x.detach()) if standardize else None
-    return binary_conv2d(x, inv_std, w_sign, ACTIVATION_CODES[estimator], list(stride), list(pad), list(dilation),
-                         pad_value)
+    return binary_conv2d(x, w_sign, standardize, ACTIVATION_CODES[estimator], list(stride), list(pad),
+                         list(dilation), pad_value)[0]
 
 
 def fused_binary_weight(w: Tensor, estimator: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -40,16 +40,19 @@ def with_specials(x):
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 4097), (5, 3, 1, 1), (2, 3, 4100)])
-def test_sample_inv_std_matches_float64_var(shape, dtype):
+def test_inv_std_matches_float64_var(shape, dtype):
     x = (torch.randn(shape) * 3 + 1.5).to(dtype)
-    torch.testing.assert_close(train_ops.sample_inv_std(x).double(), inv_std64(x), rtol=1e-5, atol=0)
+    sign, inv_std = train_ops.binarize_act(x, True, 0, torch.float32)
+    torch.testing.assert_close(inv_std.double(), inv_std64(x), rtol=1e-5, atol=0)
+    assert torch.equal(sign.double(), sign64(x))
+    assert train_ops.binarize_act(x, False, 0, torch.float32)[1].numel() == 0
 
 
 @pytest.mark.parametrize("out_dtype", FLOATS)
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_binarize_act_forward_is_exact(dtype, out_dtype):
     x = with_specials(torch.randn(3, 5, 7, 9).to(dtype))
-    out = train_ops.binarize_act(x, None, 0, out_dtype)
+    out = train_ops.binarize_act(x, False, 0, out_dtype)[0]
     assert out.dtype == out_dtype
     assert torch.equal(out.double(), sign64(x))
     assert out.view(-1)[:6].tolist() == [1, 1, 1, -1, 1, -1]
@@ -57,7 +60,7 @@ def test_binarize_act_forward_is_exact(dtype, out_dtype):
 
 def test_binarize_act_and_weight_keep_channels_last():
     x = torch.randn(2, 6, 5, 3).to(memory_format=torch.channels_last)
-    out = train_ops.binarize_act(x, None, 0, torch.float16)
+    out = train_ops.binarize_act(x, True, 0, torch.float16)[0]
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out.double(), sign64(x))
     sign, alpha = train_ops.binarize_weight(x, 1, torch.float16)
@@ -77,8 +80,7 @@ def test_conv_layer_channels_last(monkeypatch):
 def test_binarize_act_gradient(estimator, dtype, standardize):
     """``dL/dx = g * f'(x / std) / std`` (design §2; std detached), in ``x``'s dtype."""
     x = (torch.randn(4, 3, 5, 7) * 0.7).to(dtype).requires_grad_(True)
-    inv_std = train_ops.sample_inv_std(x.detach()) if standardize else None
-    out = train_ops.binarize_act(x, inv_std, train_ops.ACTIVATION_CODES[estimator], torch.float16)
+    out, inv_std = train_ops.binarize_act(x, standardize, train_ops.ACTIVATION_CODES[estimator], torch.float16)
     g = torch.randn(out.shape, dtype=torch.float16)
     out.backward(g)
     assert x.grad.dtype == dtype
@@ -114,15 +116,15 @@ def test_binarize_weight_gradient(estimator):
 
 def test_bad_inputs_say_what_to_do():
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
-        train_ops.sample_inv_std(torch.randn(2, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="one value per sample"):
-        train_ops.binarize_act(torch.randn(2, 3), torch.ones(3), 0, torch.float32)
+        train_ops.binarize_act(torch.randn(2, 3, dtype=torch.float64), True, 0, torch.float32)
+    with pytest.raises(ValueError, match="non-empty"):
+        train_ops.binarize_act(torch.randn(0, 3), True, 0, torch.float32)
     with pytest.raises(ValueError, match="dtype must be one of"):
-        train_ops.binarize_act(torch.randn(2, 3), None, 0, torch.int8)
+        train_ops.binarize_act(torch.randn(2, 3), True, 0, torch.int8)
     with pytest.raises(ValueError, match="estimator"):
         train_ops.binarize_weight(torch.randn(2, 3), 0, torch.float32)
     with pytest.raises(ValueError, match="same C"):
-        train_ops.binary_conv2d(torch.randn(1, 3, 4, 4), None, torch.ones(2, 4, 1, 1), 0, [1, 1], [0] * 4, [1, 1], 0)
+        train_ops.binary_conv2d(torch.randn(1, 3, 4, 4), torch.ones(2, 4, 1, 1), True, 0, [1, 1], [0] * 4, [1, 1], 0)
 
 
 @pytest.mark.parametrize("value,expected", [("1", True), ("0", False), ("auto", None), ("", None)])
@@ -207,7 +209,7 @@ def test_cuda_resnet18_shapes(dtype, monkeypatch):
         x = torch.randn(64, cin, hw, hw, device="cuda")
         _assert_paths_agree(layer, x, monkeypatch, autocast=dtype, tol=TOL[dtype])
     x = torch.randn(8, 300 * 4096 + 7, device="cuda")  # > 256 blocks per sample: the looped merge
-    torch.testing.assert_close(train_ops.sample_inv_std(x).double(), inv_std64(x), rtol=1e-5, atol=0)
+    torch.testing.assert_close(train_ops.binarize_act(x, True, 0, dtype)[1].double(), inv_std64(x), rtol=1e-5, atol=0)
     w = torch.randn(512, 256, 3, 3, device="cuda")
     sign, alpha = train_ops.binarize_weight(w, 1, dtype)
     assert torch.equal(sign.double(), sign64(w))

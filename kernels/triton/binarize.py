@@ -1,9 +1,9 @@
 """Triton kernels of the binary layers' training path (design §2): one pass per job, statistics in float32.
 
-- ``row_moments_kernel`` + ``inv_std_kernel``: per-sample ``1 / sqrt(var + 1e-5)`` (unbiased ``var`` over all
-  non-batch elements): block means and centred sums of squares, merged with Chan et al.'s pairwise formula,
-  so the input is read once and no float32 copy of it is made.
-- ``sign_kernel``: ``sign(x)`` (+1 for ``x >= 0``, ``-0.0`` and NaN included) written in the conv's dtype.
+- ``sign_moments_kernel`` + ``inv_std_kernel``: ``sign(x)`` (+1 for ``x >= 0``) written in the conv's dtype
+  and, in the same read of ``x``, the per-sample ``1 / sqrt(var + 1e-5)`` (unbiased ``var`` over all
+  non-batch elements): block means and centred sums of squares, merged with Chan et al.'s pairwise formula
+  (no float32 copy of ``x``).
 - ``sign_backward_kernel``: ``dL/dx = dL/dsign * f'(x * inv_std) * inv_std`` with the estimator's
   derivative ``f'`` (Bi-Real ``max(0, 2 - 2|x_hat|)``, clipped ``[|x_hat| <= 1]`` or ``1``).
 - ``weight_kernel``: per output row ``sign(W[i])`` in the conv's dtype and
@@ -23,18 +23,23 @@ EPS = tl.constexpr(1e-5)
 
 
 @triton.jit
-def row_moments_kernel(x_ptr, mean_ptr, m2_ptr, M, NB, BLOCK: tl.constexpr):
-    """Program ``(row, b)``: mean and centred sum of squares of ``x[row, b*BLOCK : (b+1)*BLOCK]``."""
+def sign_moments_kernel(x_ptr, sign_ptr, mean_ptr, m2_ptr, M, NB, MOMENTS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program ``(row, b)`` on ``x[row, b*BLOCK : (b+1)*BLOCK]``: writes ``sign(x)`` (+1 for ``x >= 0``,
+    ``-0.0`` and NaN included) in ``sign_ptr``'s dtype and, if ``MOMENTS``, the block's mean and centred sum
+    of squares, so the forward reads ``x`` once for both (the sign does not need the std)."""
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
-    x = tl.load(x_ptr + row * M + offs, mask=mask, other=0.0).to(tl.float32)
-    count = tl.minimum(M - blk * BLOCK, BLOCK).to(tl.float32)
-    mean = tl.sum(x, axis=0) / count
-    d = tl.where(mask, x - mean, 0.0)
-    tl.store(mean_ptr + row * NB + blk, mean)
-    tl.store(m2_ptr + row * NB + blk, tl.sum(d * d, axis=0))
+    x = tl.load(x_ptr + row * M + offs, mask=mask, other=0.0)
+    tl.store(sign_ptr + row * M + offs, tl.where(x < 0, -1.0, 1.0).to(sign_ptr.dtype.element_ty), mask=mask)
+    if MOMENTS:
+        x = x.to(tl.float32)
+        count = tl.minimum(M - blk * BLOCK, BLOCK).to(tl.float32)
+        mean = tl.sum(x, axis=0) / count
+        d = tl.where(mask, x - mean, 0.0)
+        tl.store(mean_ptr + row * NB + blk, mean)
+        tl.store(m2_ptr + row * NB + blk, tl.sum(d * d, axis=0))
 
 
 @triton.jit
@@ -55,15 +60,6 @@ def inv_std_kernel(mean_ptr, m2_ptr, out_ptr, M, NB, BLOCK: tl.constexpr, NB_BLO
         acc += tl.load(m2_ptr + row * NB + b, mask=b < NB, other=0.0) + count * delta * delta
     var = tl.sum(acc, axis=0) / (M - 1)
     tl.store(out_ptr + row, 1.0 / tl.sqrt(var + EPS))
-
-
-@triton.jit
-def sign_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
-    """``out = x < 0 ? -1 : +1`` in ``out``'s dtype."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, tl.where(x < 0, -1.0, 1.0).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
