@@ -13,7 +13,8 @@ hold the very ``weight`` / ``bias`` Parameters of the float layer they replace.
 Two equivalent paths compute ``sign(x_hat)``, ``sign(W)`` and ``alpha``: the plain PyTorch composition below
 (the reference, and the CPU path) and the fused Triton ops of ``lightning_ovsw.kernels.train_ops`` (CUDA by
 default; ``train_ops.FUSED`` / ``LIGHTNING_OVSW_FUSED`` force either). The fused path writes both signs
-directly in the dtype the conv runs in (the autocast dtype under autocast).
+directly in the dtype the conv runs in (the autocast dtype under autocast) and keeps only ``x`` for the
+backward of a conv (the plain path keeps ``x / std`` and ``sign(x)``).
 """
 
 from __future__ import annotations
