@@ -267,7 +267,8 @@ struct Epilogue {
   RowFn row_store = nullptr;     // float outputs: the fused row epilogue for these options (select_row)
 
   // Branch-free inner loops (the compiler vectorizes them); cols <= BLOCK_N.
-  void accumulators(int64_t row, const int32_t* pop, int64_t n0, int64_t cols, int32_t* acc) const {
+  __attribute__((always_inline)) void accumulators(int64_t row, const int32_t* pop, int64_t n0, int64_t cols,
+                                                   int32_t* acc) const {
     if (pattern) {
       const int32_t b = pattern_base[pattern[row]];
       const int32_t* corr = pattern_corr + pattern[row] * n + n0;
