@@ -643,7 +643,9 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels,
     const int64_t npat = hs.size() * ws.size();
     std::vector<int32_t> tap_pop(cout * taps);
     const auto count = popcount_fn();
-    for (int64_t r = 0; r < cout * taps; ++r) tap_pop[r] = count(wp + r * cw, cw);
+    at::parallel_for(0, cout * taps, 512, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) tap_pop[r] = count(wp + r * cw, cw);
+    });
     pattern_base.resize(npat);
     pattern_corr.assign(npat * cout, 0);
     for (size_t a = 0; a < hs.size(); ++a)
