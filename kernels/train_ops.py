@@ -16,9 +16,11 @@ The plain PyTorch path in ``lightning_ovsw.layers`` (composed ``standardize_inpu
   binarization followed by the convolution, keeping ``x`` (not ``sign(x)``) for the backward and recomputing
   the signs there: one saved activation per binary conv, as for a float conv (the plain path keeps two:
   ``x / std`` for the estimator and ``sign(x)`` for the weight gradient).
-- ``ovsw::binarize_weight(w, estimator, dtype)``: ``(sign(W) in dtype, alpha)`` in one kernel, with
-  ``alpha_i = mean(|standardize(W[i])|)`` (float32); backward: straight through (``clipped_ste``: masked
-  by ``|W| <= 1``), ``alpha`` has no gradient.
+- ``ovsw::binarize_weight(w, estimator, dtype, scaled)``: ``(sign(W) in dtype, alpha)`` in one kernel, with
+  ``alpha_i = mean(|standardize(W[i])|)`` (float32); with ``scaled`` the first output is ``alpha_i *
+  sign(W[i])``, so that the conv applies the scale (``conv(s, sign(W)) * alpha = conv(s, alpha * sign(W))``)
+  and no pass over the layer's output (forward and backward) is needed. Backward: straight through
+  (``clipped_ste``: masked by ``|W| <= 1``), times the detached ``alpha`` if ``scaled``.
 
 Each op has a fake kernel, so ``torch.compile`` traces it without a graph break. The ops run on CUDA
 tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests). ``use_fused`` picks the path: ``FUSED``
@@ -197,38 +199,41 @@ binarize_act.register_autograd(_act_backward, setup_context=_act_setup)
 
 
 @torch.library.custom_op("ovsw::binarize_weight", mutates_args=())
-def binarize_weight(w: Tensor, estimator: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(sign(W)`` in ``dtype``, ``alpha`` float32 ``[out_channels])``, ``alpha_i = mean(|standardize(W[i])|)``."""
+def binarize_weight(w: Tensor, estimator: int, dtype: torch.dtype, scaled: bool) -> tuple[Tensor, Tensor]:
+    """``(sign(W)`` in ``dtype`` (``alpha_i * sign(W[i])`` if ``scaled``), ``alpha`` float32 ``[out_channels])``
+    with ``alpha_i = mean(|standardize(W[i])|)``."""
     _check(w, "w")
     _check_weight_args(w, estimator, dtype)
     _, k = _kernels()
     w = _dense(w)  # channels_last weights keep their layout: rows stay contiguous, alpha ignores the order
     rows, cols = w.shape[0], w.numel() // w.shape[0]
-    sign = torch.empty_like(w, dtype=dtype)
+    out = torch.empty_like(w, dtype=dtype)
     alpha = torch.empty(rows, device=w.device, dtype=torch.float32)
-    k.weight_kernel[(rows,)](w, sign, alpha, cols, BLOCK=_block(cols, 1024))
-    return sign, alpha
+    k.weight_kernel[(rows,)](w, out, alpha, cols, SCALED=scaled, BLOCK=_block(cols, 1024))
+    return out, alpha
 
 
 @binarize_weight.register_fake
-def _(w: Tensor, estimator: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _(w: Tensor, estimator: int, dtype: torch.dtype, scaled: bool) -> tuple[Tensor, Tensor]:
     _check_fake(w, "w")
     _check_weight_args(w, estimator, dtype)
     return torch.empty_like(_dense(w), dtype=dtype), w.new_empty(w.shape[0], dtype=torch.float32)
 
 
 def _weight_setup(ctx, inputs, output) -> None:
-    w, estimator, _ = inputs
+    w, estimator, _, scaled = inputs
     ctx.dtype = w.dtype
-    ctx.save_for_backward(w if estimator == WEIGHT_CODES["clipped_ste"] else None)
+    ctx.save_for_backward(w if estimator == WEIGHT_CODES["clipped_ste"] else None, output[1] if scaled else None)
 
 
-def _weight_backward(ctx, grad_sign: Tensor, grad_alpha: Tensor | None):
-    (w,) = ctx.saved_tensors
-    grad = grad_sign.to(ctx.dtype)
+def _weight_backward(ctx, grad_out: Tensor, _grad_alpha: Tensor | None):
+    w, alpha = ctx.saved_tensors
+    grad = grad_out.to(ctx.dtype)
+    if alpha is not None:  # alpha is a detached constant of the product alpha * sign(W)
+        grad = grad * alpha.view(-1, *[1] * (grad.dim() - 1)).to(grad.dtype)
     if w is not None:
         grad = grad * (w.abs() <= 1).to(grad.dtype)
-    return grad, None, None
+    return grad, None, None, None
 
 
 binarize_weight.register_autograd(_weight_backward, setup_context=_weight_setup)
@@ -332,8 +337,8 @@ def fused_binary_conv2d(x: Tensor, w_sign: Tensor, standardize: bool, estimator:
                          list(dilation), pad_value)[0]
 
 
-def fused_binary_weight(w: Tensor, estimator: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(sign(W)`` in ``dtype``, detached standardized ``alpha)`` — the fused twin of ``binary_weight`` and
-    ``standardized_scale``."""
-    sign, alpha = binarize_weight(w, WEIGHT_CODES[estimator], dtype)
-    return sign, alpha.detach()
+def fused_binary_weight(w: Tensor, estimator: str, dtype: torch.dtype, scaled: bool) -> tuple[Tensor, Tensor]:
+    """``(sign(W)`` in ``dtype``, or ``alpha * sign(W)`` if ``scaled``; detached standardized ``alpha)`` — the
+    fused twin of ``binary_weight`` and ``standardized_scale``."""
+    out, alpha = binarize_weight(w, WEIGHT_CODES[estimator], dtype, scaled)
+    return out, alpha.detach()

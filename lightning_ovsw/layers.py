@@ -116,11 +116,16 @@ class BinaryLayer:
             return self.alpha
         return None
 
-    def _fused_weight(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(sign(W)`` in the dtype the op on ``x`` runs in, ``alpha)`` from the fused weight op."""
-        wb, alpha = train_ops.fused_binary_weight(self.weight, self.options.weight_estimator,
-                                                  _compute_dtype(x, self.weight.dtype))
-        return wb, alpha if self.options.scale == "standardized" else self.scale_factor()
+    def _fused_weight(self, x: Tensor) -> Tensor:
+        """``alpha * sign(W)`` (per output row) in the dtype the op on ``x`` runs in, from the fused weight
+        op: the conv/linear applies the scale, so its output needs no extra pass (learnable ``alpha`` keeps its
+        gradient through the product)."""
+        o = self.options
+        wb, _ = train_ops.fused_binary_weight(self.weight, o.weight_estimator, _compute_dtype(x, self.weight.dtype),
+                                              scaled=o.scale == "standardized")
+        if o.scale == "learnable":
+            wb = wb * self.alpha.to(wb.dtype).view(-1, *[1] * (wb.dim() - 1))
+        return wb
 
     def _scale_and_bias(self, out: Tensor, alpha: Tensor | None, channel_dim: int) -> Tensor:
         shape = [1] * out.ndim
@@ -192,11 +197,10 @@ class BinaryConv2d(nn.Conv2d, BinaryLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         if train_ops.use_fused(x, self.weight):
-            wb, alpha = self._fused_weight(x)
             out = train_ops.fused_binary_conv2d(
-                x, wb, self.training, self.options.activation_estimator, self.stride,
+                x, self._fused_weight(x), self.training, self.options.activation_estimator, self.stride,
                 self._reversed_padding_repeated_twice, self.dilation, self.options.pad_value)
-            return self._scale_and_bias(out, alpha, channel_dim=1)
+            return self._scale_and_bias(out, None, channel_dim=1)
         xb = self.binary_input(x)
         padding = self.padding
         if self.options.pad_value == 1 and any(self._reversed_padding_repeated_twice):
@@ -241,10 +245,9 @@ class BinaryLinear(nn.Linear, BinaryLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         if train_ops.use_fused(x, self.weight):
-            wb, alpha = self._fused_weight(x)
             xb = train_ops.fused_binary_input(x, self.training, self.options.activation_estimator,
                                               _compute_dtype(x, x.dtype))
-            out = F.linear(xb, wb)
+            out, alpha = F.linear(xb, self._fused_weight(x)), None
         else:
             out, alpha = F.linear(self.binary_input(x), self.binary_weight()), self.scale_factor()
         return self._scale_and_bias(out, alpha, channel_dim=out.ndim - 1)

@@ -63,9 +63,9 @@ def test_binarize_act_and_weight_keep_channels_last():
     out = train_ops.binarize_act(x, True, 0, torch.float16)[0]
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out.double(), sign64(x))
-    sign, alpha = train_ops.binarize_weight(x, 1, torch.float16)
+    sign, alpha = train_ops.binarize_weight(x, 1, torch.float16, False)
     assert sign.is_contiguous(memory_format=torch.channels_last) and torch.equal(sign.double(), sign64(x))
-    torch.testing.assert_close(alpha, train_ops.binarize_weight(x.contiguous(), 1, torch.float16)[1])
+    torch.testing.assert_close(alpha, train_ops.binarize_weight(x.contiguous(), 1, torch.float16, False)[1])
 
 
 def test_conv_layer_channels_last(monkeypatch):
@@ -95,23 +95,32 @@ def test_binarize_weight_sign_and_alpha(shape, dtype):
     w = with_specials(torch.randn(shape) * 0.1)
     w.view(-1)[4:6] = 0.5  # no infinities in weights: alpha would be NaN
     w = w.to(dtype)
+    rows = w.double().flatten(1)
+    ref = ((rows - rows.mean(1, keepdim=True)) / torch.sqrt(rows.var(1, keepdim=True) + 1e-5)).abs().mean(1)
     for out_dtype in FLOATS:
-        sign, alpha = train_ops.binarize_weight(w, 1, out_dtype)
+        sign, alpha = train_ops.binarize_weight(w, 1, out_dtype, False)
         assert sign.dtype == out_dtype and torch.equal(sign.double(), sign64(w))
-        rows = w.double().flatten(1)
-        ref = ((rows - rows.mean(1, keepdim=True)) / torch.sqrt(rows.var(1, keepdim=True) + 1e-5)).abs().mean(1)
         torch.testing.assert_close(alpha.double(), ref, rtol=1e-6, atol=0)
+        scaled, alpha2 = train_ops.binarize_weight(w, 1, out_dtype, True)
+        assert torch.equal(alpha2, alpha)
+        assert torch.equal(scaled < 0, w < 0)
+        expected = sign64(w) * alpha.double().view(-1, *[1] * (w.dim() - 1))  # rounded once to out_dtype
+        torch.testing.assert_close(scaled.double(), expected, rtol=torch.finfo(out_dtype).eps, atol=0)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("estimator", ["ste", "clipped_ste"])
-def test_binarize_weight_gradient(estimator):
+def test_binarize_weight_gradient(estimator, scaled):
+    """Straight through ``sign`` (``clipped_ste``: masked by ``|W| <= 1``), times the detached ``alpha``."""
     w = (torch.randn(6, 4, 3, 3) * 1.5).requires_grad_(True)
-    sign, alpha = train_ops.fused_binary_weight(w, estimator, torch.float16)
+    out, alpha = train_ops.fused_binary_weight(w, estimator, torch.float16, scaled)
     assert not alpha.requires_grad
-    g = torch.randn(sign.shape).to(torch.float16)
-    sign.backward(g)
+    g = torch.randn(out.shape).to(torch.float16)
+    out.backward(g)
     mask = (w.detach().abs() <= 1).float() if estimator == "clipped_ste" else torch.ones_like(w)
-    assert w.grad.dtype == torch.float32 and torch.equal(w.grad, g.float() * mask)
+    factor = alpha.view(-1, 1, 1, 1) if scaled else 1.0
+    assert w.grad.dtype == torch.float32
+    torch.testing.assert_close(w.grad, g.float() * factor * mask, rtol=1e-6, atol=0)
 
 
 def test_bad_inputs_say_what_to_do():
@@ -122,7 +131,7 @@ def test_bad_inputs_say_what_to_do():
     with pytest.raises(ValueError, match="dtype must be one of"):
         train_ops.binarize_act(torch.randn(2, 3), True, 0, torch.int8)
     with pytest.raises(ValueError, match="estimator"):
-        train_ops.binarize_weight(torch.randn(2, 3), 0, torch.float32)
+        train_ops.binarize_weight(torch.randn(2, 3), 0, torch.float32, True)
     with pytest.raises(ValueError, match="same C"):
         train_ops.binary_conv2d(torch.randn(1, 3, 4, 4), torch.ones(2, 4, 1, 1), True, 0, [1, 1], [0] * 4, [1, 1], 0)
 
@@ -211,7 +220,7 @@ def test_cuda_resnet18_shapes(dtype, monkeypatch):
     x = torch.randn(8, 300 * 4096 + 7, device="cuda")  # > 256 blocks per sample: the looped merge
     torch.testing.assert_close(train_ops.binarize_act(x, True, 0, dtype)[1].double(), inv_std64(x), rtol=1e-5, atol=0)
     w = torch.randn(512, 256, 3, 3, device="cuda")
-    sign, alpha = train_ops.binarize_weight(w, 1, dtype)
+    sign, alpha = train_ops.binarize_weight(w, 1, dtype, False)
     assert torch.equal(sign.double(), sign64(w))
     rows = w.double().flatten(1)
     ref = ((rows - rows.mean(1, keepdim=True)) / torch.sqrt(rows.var(1, keepdim=True) + 1e-5)).abs().mean(1)

@@ -6,8 +6,8 @@
   (no float32 copy of ``x``).
 - ``sign_backward_kernel``: ``dL/dx = dL/dsign * f'(x * inv_std) * inv_std`` with the estimator's
   derivative ``f'`` (Bi-Real ``max(0, 2 - 2|x_hat|)``, clipped ``[|x_hat| <= 1]`` or ``1``).
-- ``weight_kernel``: per output row ``sign(W[i])`` in the conv's dtype and
-  ``alpha_i = mean(|W[i] - mean|) / sqrt(var_unbiased + 1e-5)``.
+- ``weight_kernel``: per output row ``alpha_i = mean(|W[i] - mean|) / sqrt(var_unbiased + 1e-5)`` and
+  ``sign(W[i])`` (or ``alpha_i * sign(W[i])``) in the conv's dtype.
 
 Every kernel reads any float dtype and works on flat, dense buffers (rows contiguous). ``ESTIMATOR`` codes
 are those of ``lightning_ovsw.kernels.train_ops``: 0 Bi-Real (``approx_sign``), 1 ``ste``, 2 ``clipped_ste``.
@@ -86,15 +86,16 @@ def sign_backward_kernel(grad_ptr, x_ptr, inv_std_ptr, out_ptr, M, ESTIMATOR: tl
 
 
 @triton.jit
-def weight_kernel(w_ptr, sign_ptr, alpha_ptr, K, BLOCK: tl.constexpr):
-    """Program ``row``: ``sign(W[row])`` into ``sign_ptr`` and the standardized scale into ``alpha_ptr[row]``."""
-    base = tl.program_id(0).to(tl.int64) * K
+def weight_kernel(w_ptr, out_ptr, alpha_ptr, K, SCALED: tl.constexpr, BLOCK: tl.constexpr):
+    """Program ``row``: the standardized scale ``alpha[row]`` and ``sign(W[row])`` into ``out_ptr`` (times
+    ``alpha[row]`` if ``SCALED``: the conv then applies the scale, no pass over its output is needed)."""
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * K
     acc = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, K, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         w = tl.load(w_ptr + base + offs, mask=offs < K, other=0.0).to(tl.float32)
         acc += w
-        tl.store(sign_ptr + base + offs, tl.where(w < 0, -1.0, 1.0).to(sign_ptr.dtype.element_ty), mask=offs < K)
     mean = tl.sum(acc, axis=0) / K
     sq = tl.zeros((BLOCK,), tl.float32)
     ab = tl.zeros((BLOCK,), tl.float32)
@@ -104,5 +105,10 @@ def weight_kernel(w_ptr, sign_ptr, alpha_ptr, K, BLOCK: tl.constexpr):
         d = tl.where(offs < K, w - mean, 0.0)
         sq += d * d
         ab += tl.abs(d)
-    std = tl.sqrt(tl.sum(sq, axis=0) / (K - 1) + EPS)
-    tl.store(alpha_ptr + tl.program_id(0), tl.sum(ab, axis=0) / K / std)
+    alpha = tl.sum(ab, axis=0) / K / tl.sqrt(tl.sum(sq, axis=0) / (K - 1) + EPS)
+    tl.store(alpha_ptr + row, alpha)
+    one = alpha if SCALED else 1.0
+    for start in range(0, K, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        w = tl.load(w_ptr + base + offs, mask=offs < K, other=0.0)
+        tl.store(out_ptr + base + offs, tl.where(w < 0, -one, one).to(out_ptr.dtype.element_ty), mask=offs < K)
