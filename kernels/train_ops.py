@@ -61,14 +61,13 @@ _TRITON_OK = importlib.util.find_spec("triton") is not None
 def use_fused(x: Tensor, w: Tensor) -> bool:
     """Whether a binary layer with weight ``w`` runs the fused ops on input ``x``.
 
-    Forced by ``FUSED`` or ``LIGHTNING_OVSW_FUSED``; else for CUDA tensors of float16/bfloat16/float32 when
-    Triton is installed
-    (float64 always takes the plain path: the kernels accumulate in float32).
+    Forced by ``FUSED`` or ``LIGHTNING_OVSW_FUSED``; else for non-empty CUDA tensors of float16, bfloat16 or
+    float32 when Triton is installed (float64 takes the plain path: the kernels accumulate in float32).
     """
     mode = FUSED if FUSED is not None else _mode_from_env()
     if mode is not None:
         return mode
-    return _TRITON_OK and x.is_cuda and x.dtype in _FLOATS and w.dtype in _FLOATS
+    return _TRITON_OK and x.is_cuda and x.dtype in _FLOATS and w.dtype in _FLOATS and x.numel() > 0
 
 
 # ----------------------------------------------------------------------------------------- helpers
