@@ -16,6 +16,7 @@ The plain PyTorch path in ``lightning_ovsw.layers`` (composed ``standardize_inpu
   binarization followed by the convolution, keeping ``x`` (not ``sign(x)``) for the backward and recomputing
   the signs there: one saved activation per binary conv, as for a float conv (the plain path keeps two:
   ``x / std`` for the estimator and ``sign(x)`` for the weight gradient).
+- ``ovsw::binary_linear(x, w_sign, standardize, estimator)``: the same for ``F.linear``.
 - ``ovsw::binarize_weight(w, estimator, dtype, scaled)``: ``(sign(W) in dtype, alpha)`` in one kernel, with
   ``alpha_i = mean(|standardize(W[i])|)`` (float32); with ``scaled`` the first output is ``alpha_i *
   sign(W[i])``, so that the conv applies the scale (``conv(s, sign(W)) * alpha = conv(s, alpha * sign(W))``)
@@ -292,6 +293,40 @@ def _conv_backward(ctx, grad: Tensor, _grad_inv_std: Tensor | None):
 binary_conv2d.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
+@torch.library.custom_op("ovsw::binary_linear", mutates_args=())
+def binary_linear(x: Tensor, w_sign: Tensor, standardize: bool, estimator: int) -> tuple[Tensor, Tensor]:
+    """``(linear(sign(x), w_sign), inv_std)``; like ``binary_conv2d`` it keeps ``x``, not ``sign(x)``."""
+    _check(x, "x")
+    _check_linear_args(x, w_sign, estimator)
+    xb, inv_std = _signs(x, w_sign.dtype, standardize)
+    return torch.nn.functional.linear(xb, w_sign), inv_std
+
+
+@binary_linear.register_fake
+def _(x, w_sign, standardize, estimator):
+    _check_fake(x, "x")
+    _check_linear_args(x, w_sign, estimator)
+    xb, inv_std = _signs_fake(x, w_sign.dtype, standardize)
+    return torch.nn.functional.linear(xb, w_sign), inv_std
+
+
+def _linear_setup(ctx, inputs, output) -> None:
+    x, w_sign, _, estimator = inputs
+    ctx.estimator = estimator
+    ctx.save_for_backward(x, output[1], w_sign)
+
+
+def _linear_backward(ctx, grad: Tensor, _grad_inv_std: Tensor | None):
+    x, inv_std, w_sign = ctx.saved_tensors
+    xb = binarize_act(x, False, ACTIVATION_CODES["ste"], w_sign.dtype)[0]
+    grad = grad.to(w_sign.dtype)
+    grad_w = grad.reshape(-1, grad.shape[-1]).t() @ xb.reshape(-1, xb.shape[-1])
+    return binarize_act_backward(grad @ w_sign, x, inv_std, ctx.estimator), grad_w, None, None
+
+
+binary_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
 # ------------------------------------------------------------------------------------------ validation
 def _check_conv_args(x, w_sign, estimator, stride, pad, dilation, pad_value) -> None:
     _check_act_args(estimator, w_sign.dtype)
@@ -315,6 +350,16 @@ def _check_act_args(estimator: int, dtype: torch.dtype) -> None:
         raise ValueError(f"estimator must be one of the codes {ACTIVATION_CODES}, got {estimator!r}")
 
 
+def _check_linear_args(x: Tensor, w_sign: Tensor, estimator: int) -> None:
+    _check_act_args(estimator, w_sign.dtype)
+    if x.dim() < 2 or w_sign.dim() != 2 or x.shape[-1] != w_sign.shape[1]:
+        raise ValueError(
+            f"binary_linear needs x [N, ..., K] and w_sign [out, K] with the same K, got {tuple(x.shape)} and "
+            f"{tuple(w_sign.shape)}")
+    if x.device != w_sign.device:
+        raise ValueError(f"x is on {x.device} but w_sign on {w_sign.device}; move both to one device.")
+
+
 def _check_weight_args(w: Tensor, estimator: int, dtype: torch.dtype) -> None:
     _check_dtype(dtype)
     if estimator not in WEIGHT_CODES.values():
@@ -322,10 +367,10 @@ def _check_weight_args(w: Tensor, estimator: int, dtype: torch.dtype) -> None:
 
 
 # ------------------------------------------------------------------------------------- layer entry points
-def fused_binary_input(x: Tensor, standardize: bool, estimator: str, dtype: torch.dtype) -> Tensor:
-    """``sign(x)`` in ``dtype`` with the gradient of ``estimator`` applied to ``x / std`` (``standardize``)
-    or to ``x`` (eval mode) — the fused twin of ``BinaryLayer.binary_input``."""
-    return binarize_act(x, standardize, ACTIVATION_CODES[estimator], dtype)[0]
+def fused_binary_linear(x: Tensor, w_sign: Tensor, standardize: bool, estimator: str) -> Tensor:
+    """``linear(sign(x), w_sign)`` with the activation gradient of ``estimator`` on ``x / std``
+    (``standardize``) or ``x``; keeps ``x`` (not ``sign(x)``) for the backward."""
+    return binary_linear(x, w_sign, standardize, ACTIVATION_CODES[estimator])[0]
 
 
 def fused_binary_conv2d(x: Tensor, w_sign: Tensor, standardize: bool, estimator: str, stride: tuple[int, int],

@@ -14,7 +14,7 @@ Two equivalent paths compute ``sign(x_hat)``, ``sign(W)`` and ``alpha``: the pla
 (the reference, and the CPU path) and the fused Triton ops of ``lightning_ovsw.kernels.train_ops`` (CUDA by
 default; ``train_ops.FUSED`` / ``LIGHTNING_OVSW_FUSED`` force either). The fused path writes both signs
 directly in the dtype the conv runs in (the autocast dtype under autocast) and keeps only ``x`` for the
-backward of a conv (the plain path keeps ``x / std`` and ``sign(x)``).
+backward (the plain path keeps ``x / std`` and ``sign(x)``).
 """
 
 from __future__ import annotations
@@ -245,9 +245,9 @@ class BinaryLinear(nn.Linear, BinaryLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         if train_ops.use_fused(x, self.weight):
-            xb = train_ops.fused_binary_input(x, self.training, self.options.activation_estimator,
-                                              _compute_dtype(x, x.dtype))
-            out, alpha = F.linear(xb, self._fused_weight(x)), None
+            out = train_ops.fused_binary_linear(x, self._fused_weight(x), self.training,
+                                                self.options.activation_estimator)
+            alpha = None
         else:
             out, alpha = F.linear(self.binary_input(x), self.binary_weight()), self.scale_factor()
         return self._scale_and_bias(out, alpha, channel_dim=out.ndim - 1)

@@ -69,7 +69,7 @@ def test_compiled_equals_eager(fused, backend, monkeypatch):
     # the first layer's input signs, compiled, bit for bit (0.0 and -0.0 give +1)
     layer = model[0].train()
     if fused:
-        signs = torch.compile(lambda t: train_ops.fused_binary_input(t, True, "approx_sign", t.dtype),
+        signs = torch.compile(lambda t: train_ops.binarize_act(t, True, 0, t.dtype)[0],
                               backend=backend, fullgraph=True)(x)
     else:
         signs = torch.compile(layer.binary_input, backend=backend, fullgraph=True)(x)

@@ -134,6 +134,8 @@ def test_bad_inputs_say_what_to_do():
         train_ops.binarize_weight(torch.randn(2, 3), 0, torch.float32, True)
     with pytest.raises(ValueError, match="same C"):
         train_ops.binary_conv2d(torch.randn(1, 3, 4, 4), torch.ones(2, 4, 1, 1), True, 0, [1, 1], [0] * 4, [1, 1], 0)
+    with pytest.raises(ValueError, match="same K"):
+        train_ops.binary_linear(torch.randn(2, 3), torch.ones(4, 5), True, 0)
 
 
 @pytest.mark.parametrize("value,expected", [("1", True), ("0", False), ("auto", None), ("", None)])
