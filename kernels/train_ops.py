@@ -339,6 +339,8 @@ def _check_conv_args(x, w_sign, estimator, stride, pad, dilation, pad_value) -> 
     if len(pad) != 4 or min(pad) < 0 or pad_value not in (0, 1):
         raise ValueError(f"pad must be 4 non-negative ints (left, right, top, bottom) and pad_value 0 or 1, got "
                          f"{pad}, {pad_value}")
+
+
 def _check_fake(x: Tensor, name: str) -> None:
     if x.dtype not in _FLOATS:
         raise TypeError(f"{name} must be a float16, bfloat16 or float32 tensor, got {x.dtype}")

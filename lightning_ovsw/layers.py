@@ -196,7 +196,7 @@ class BinaryConv2d(nn.Conv2d, BinaryLayer):
         return layer.train(conv.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        if train_ops.use_fused(x, self.weight):
+        if x.dim() == 4 and train_ops.use_fused(x, self.weight):  # unbatched inputs: plain path
             out = train_ops.fused_binary_conv2d(
                 x, self._fused_weight(x), self.training, self.options.activation_estimator, self.stride,
                 self._reversed_padding_repeated_twice, self.dilation, self.options.pad_value)
@@ -244,7 +244,7 @@ class BinaryLinear(nn.Linear, BinaryLayer):
         return layer.train(linear.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        if train_ops.use_fused(x, self.weight):
+        if x.dim() > 1 and train_ops.use_fused(x, self.weight):  # unbatched inputs: plain path
             out = train_ops.fused_binary_linear(x, self._fused_weight(x), self.training,
                                                 self.options.activation_estimator)
             alpha = None
