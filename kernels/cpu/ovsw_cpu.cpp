@@ -279,58 +279,32 @@ struct Epilogue {
     }
   }
 
-  void floats(int64_t row, const int32_t* acc, int64_t n0, int64_t cols, float* f) const {
-    for (int64_t j = 0; j < cols; ++j) f[j] = static_cast<float>(acc[j]);
-    if (scale)
-      for (int64_t j = 0; j < cols; ++j) f[j] = f[j] * scale[n0 + j];
-    if (bias)
-      for (int64_t j = 0; j < cols; ++j) f[j] = f[j] + bias[n0 + j];
-    if (residual) {
-      const float* res = residual + row * n + n0;
-      for (int64_t j = 0; j < cols; ++j) f[j] = f[j] + res[j];
-    }
-  }
-
   void store_raw(int64_t row, const int32_t* pop, int64_t n0, int64_t cols) const {
     int32_t acc[BLOCK_N];
     accumulators(row, pop, n0, cols, acc);
     std::memcpy(static_cast<int32_t*>(out) + row * n + n0, acc, cols * sizeof(int32_t));
   }
 
-  // Sign bits of f (the tile's values) into the packed row; n0 is a multiple of BLOCK_N, so the tile's
-  // bits fill whole words.
-  void store_bits(int64_t row, const float* f, int64_t n0, int64_t cols, u32* dst) const {
-    pack_row(f, dst + row * ((n + 31) / 32) + n0 / 32, cols);
-  }
-
-  // n0 is a multiple of BLOCK_N, so this tile's bits fill whole words of the packed row.
-  void store_sign(int64_t row, const int32_t* pop, int64_t n0, int64_t cols) const {
-    int32_t acc[BLOCK_N];
-    float f[BLOCK_N];
-    accumulators(row, pop, n0, cols, acc);
-    floats(row, acc, n0, cols, f);
-    store_bits(row, f, n0, cols, static_cast<u32*>(out));
-  }
-
   void operator()(int64_t row, const int32_t* pop, int64_t n0, int64_t cols) const {
-    if (sign) return store_sign(row, pop, n0, cols);
-    if (raw) return store_raw(row, pop, n0, cols);
+    if (raw && !sign) return store_raw(row, pop, n0, cols);
     row_store(*this, row, pop, n0, cols);
   }
 };
 
-// Float outputs in one pass per row: acc -> float -> * scale -> + bias -> + residual (each step rounded like
-// the reference), cast to T; with C (packed_conv2d_act) clamped to [lo, hi] after the cast, as torch's
-// hardtanh on the T tensor, and the sign bits of the stored values written too. The options are template
-// arguments and the body is compiled for each ISA (the build's baseline is plain x86-64), so the loop is one
-// branch-free vector loop.
+// One pass per row: acc -> float -> * scale -> + bias -> + residual (each step rounded like the reference),
+// then either (T = u32, packed_conv2d_sign) the sign bits of those float32 values into e.out, or the values
+// cast to T into e.out; with C (packed_conv2d_act) clamped to [lo, hi] after the cast, as torch's hardtanh on
+// the T tensor, and the sign bits of the stored values into e.bits. The options are template arguments and
+// the body is compiled for each ISA (the build's baseline is plain x86-64): one branch-free vector loop.
 template <class T, bool S, bool B, bool R, bool C>
 __attribute__((always_inline)) inline void epilogue_row(const Epilogue& e, int64_t row, const int32_t* pop,
                                                         int64_t n0, int64_t cols) {
+  constexpr bool SIGN = std::is_same_v<T, u32>;
+  using Out = std::conditional_t<SIGN, float, T>;
   int32_t acc[BLOCK_N];
   float f[BLOCK_N];
   e.accumulators(row, pop, n0, cols, acc);
-  T* o = static_cast<T*>(e.out) + row * e.n + n0;
+  Out* o = SIGN ? nullptr : static_cast<Out*>(e.out) + row * e.n + n0;
   const float* sc = S ? e.scale + n0 : nullptr;
   const float* bi = B ? e.bias + n0 : nullptr;
   const float* re = R ? e.residual + row * e.n + n0 : nullptr;
@@ -340,16 +314,22 @@ __attribute__((always_inline)) inline void epilogue_row(const Epilogue& e, int64
     if constexpr (S) v = v * sc[j];
     if constexpr (B) v = v + bi[j];
     if constexpr (R) v = v + re[j];
-    if constexpr (C) {
-      v = static_cast<float>(static_cast<T>(v));
-      v = v < lo ? lo : (hi < v ? hi : v);
+    if constexpr (SIGN) {
+      f[j] = v;
+    } else {
+      if constexpr (C) {
+        v = static_cast<float>(static_cast<Out>(v));
+        v = v < lo ? lo : (hi < v ? hi : v);
+      }
+      const Out t = static_cast<Out>(v);
+      o[j] = t;
+      if constexpr (C) f[j] = static_cast<float>(t);
     }
-    const T t = static_cast<T>(v);
-    o[j] = t;
-    if constexpr (C) f[j] = static_cast<float>(t);
   }
-  if constexpr (C) {
-    if (e.bits) e.pack_row(f, e.bits + row * ((e.n + 31) / 32) + n0 / 32, cols);
+  const int64_t words = (e.n + 31) / 32;
+  if constexpr (SIGN) e.pack_row(f, static_cast<u32*>(e.out) + row * words + n0 / 32, cols);
+  if constexpr (C && !SIGN) {
+    if (e.bits) e.pack_row(f, e.bits + row * words + n0 / 32, cols);
   }
 }
 
@@ -388,7 +368,9 @@ RowFn row_table(int index, int64_t isa, std::integer_sequence<int, I...>) {
 void select_row(Epilogue& e) {
   const int index = (e.scale != nullptr) | (e.bias != nullptr) << 1 | (e.residual != nullptr) << 2 | e.clamp << 3;
   const auto all = std::make_integer_sequence<int, 16>{};
-  switch (e.dtype) {
+  if (e.sign) {
+    e.row_store = row_table<u32>(index & 7, get_isa(), all);
+  } else switch (e.dtype) {
     case at::kBFloat16: e.row_store = row_table<c10::BFloat16>(index, get_isa(), all); break;
     case at::kHalf: e.row_store = row_table<c10::Half>(index, get_isa(), all); break;
     default: e.row_store = row_table<float>(index, get_isa(), all);
