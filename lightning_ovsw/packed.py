@@ -10,6 +10,7 @@ with ``scale = alpha`` and ``bias = b`` for a lone binary layer (``y = acc * alp
 ``scale = alpha * g``, ``bias = (b - mean) * g + beta`` with ``g = gamma / sqrt(var + eps)`` when the
 BatchNorm that consumes the layer is folded in. The integer part runs in the ``ovsw`` packed ops
 (``lightning_ovsw.kernels.ops``: C++ popcount kernels on CPU, Triton on GPU, the reference elsewhere).
+Before capturing a packed model in a CUDA graph, run it once on the captured shapes (``warmup``).
 """
 
 from __future__ import annotations
