@@ -62,13 +62,14 @@ _TRITON_OK = importlib.util.find_spec("triton") is not None
 def use_fused(x: Tensor, w: Tensor) -> bool:
     """Whether a binary layer with weight ``w`` runs the fused ops on input ``x``.
 
-    Forced by ``FUSED`` or ``LIGHTNING_OVSW_FUSED``; else for non-empty CUDA tensors of float16, bfloat16 or
-    float32 when Triton is installed (float64 takes the plain path: the kernels accumulate in float32).
+    Only non-empty float16/bfloat16/float32 tensors can (the kernels accumulate in float32; float64 always
+    takes the plain path). Among those: as ``FUSED`` or ``LIGHTNING_OVSW_FUSED`` force, else CUDA tensors
+    when Triton is installed.
     """
+    if x.dtype not in _FLOATS or w.dtype not in _FLOATS or x.numel() == 0:
+        return False
     mode = FUSED if FUSED is not None else _mode_from_env()
-    if mode is not None:
-        return mode
-    return _TRITON_OK and x.is_cuda and x.dtype in _FLOATS and w.dtype in _FLOATS and x.numel() > 0
+    return mode if mode is not None else _TRITON_OK and x.is_cuda
 
 
 # ----------------------------------------------------------------------------------------- helpers

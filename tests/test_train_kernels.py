@@ -152,10 +152,9 @@ def test_use_fused_reads_the_environment_at_each_call(monkeypatch, value, expect
     assert train_ops.use_fused(x, x) is expected
     monkeypatch.setattr(train_ops, "FUSED", not expected)  # the module flag wins
     assert train_ops.use_fused(x, x) is (not expected)
-    assert train_ops.use_fused(x.double(), x) is (not expected)
-    monkeypatch.setattr(train_ops, "FUSED", None)
-    monkeypatch.setenv("LIGHTNING_OVSW_FUSED", "auto")
-    assert not train_ops.use_fused(x.double(), x)  # float64 takes the plain path unless forced
+    monkeypatch.setattr(train_ops, "FUSED", True)  # float64 and empty inputs always take the plain path
+    assert not train_ops.use_fused(x.double(), x) and not train_ops.use_fused(x, x.double())
+    assert not train_ops.use_fused(x[:0], x)
 
 
 def test_switch_rejects_unknown_values(monkeypatch):
