@@ -74,13 +74,14 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4, help="runs at once")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "accuracy")
     parser.add_argument("--resume", action="store_true", help="continue runs from their last.ckpt")
+    parser.add_argument("--report-only", action="store_true", help="train nothing; tabulate the runs already in --runs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy")
     parser.add_argument("extra", nargs="*", help="more CLI overrides after --, e.g. -- --trainer.precision=32-true")
     args = parser.parse_args()
     if args.schedule_epochs < args.epochs:
         parser.error("--schedule-epochs must be >= --epochs")
 
-    jobs = [(v, s) for v in args.variants for s in args.seeds]
+    jobs = [] if args.report_only else [(v, s) for v in args.variants for s in args.seeds]
     start, running, failed = time.time(), [], []
     while jobs or running:
         while jobs and len(running) < args.parallel:
@@ -98,7 +99,7 @@ def main() -> None:
                 failed.append(f"{item[0]} seed {item[1]} (exit {item[3].returncode}, see {log_path})")
     if failed:
         sys.exit("runs failed: " + "; ".join(failed))
-    wall = time.time() - start
+    wall = None if args.report_only else time.time() - start
 
     rows = {}
     for variant in args.variants:
@@ -106,7 +107,7 @@ def main() -> None:
         finals = [r["final"] for r in per_seed.values()]
         rows[variant] = {
             "per_seed": per_seed, "mean": statistics.mean(finals),
-            "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "std": statistics.stdev(finals) if len(finals) > 1 else None,
             "epochs": min(r["epochs"] for r in per_seed.values()),
             "paper_600_epochs": PAPER[args.model].get(variant),
         }
@@ -130,7 +131,8 @@ def main() -> None:
     lines = [
         f"# CIFAR-10 {args.model} 1W1A: OvSW ablation ({args.epochs} of {args.schedule_epochs:g} scheduled epochs)",
         "",
-        f"{record['date'][:10]}, {device}, torch {torch.__version__}, {len(args.seeds)} seeds, wall {wall / 60:.1f} min.",
+        f"{record['date'][:10]}, {device}, torch {torch.__version__}, {len(args.seeds)} seed(s)"
+        + (f", wall {wall / 60:.1f} min." if wall else " (table from earlier runs)."),
         f"Command: `{record['command']}`",
         "",
         "| variant | epochs | top-1 final, mean ± std (%) | per seed (final / best) | paper, 600 epochs |",
@@ -139,7 +141,8 @@ def main() -> None:
     for variant, r in rows.items():
         seeds = ", ".join(f"{v['final']:.2f} / {v['best']:.2f}" for v in r["per_seed"].values())
         paper = f"{r['paper_600_epochs']:.1f}" if r["paper_600_epochs"] else "—"
-        lines.append(f"| {variant} | {r['epochs']} | {r['mean']:.2f} ± {r['std']:.2f} | {seeds} | {paper} |")
+        spread = f" ± {r['std']:.2f}" if r["std"] is not None else " (one seed)"
+        lines.append(f"| {variant} | {r['epochs']} | {r['mean']:.2f}{spread} | {seeds} | {paper} |")
     if flips:
         shares = ", ".join(f"{k} {100 * v['never_flipped_share']:.1f}%" for k, v in flips["runs"].items())
         lines += ["", f"Never-flipped share of `{flips['runs']['vanilla']['layer']}` (seed {args.seeds[0]}): {shares}; "
