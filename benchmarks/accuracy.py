@@ -1,11 +1,12 @@
 """CIFAR-10 accuracy of the paper's ablation (vanilla, AGS, SAD, AGS+SAD) at one equal schedule, several seeds.
 
-Each (variant, seed) is one ``lightning-ovsw fit`` run of the recipe YAML in ``configs/``, several at once
-(they share one GPU well: small networks leave it idle between kernels). ``--epochs`` stops every run
-early on the full ``--schedule-epochs`` cosine schedule, so a later invocation with ``--resume`` and a
-larger ``--epochs`` continues each run from its ``last.ckpt`` on the same schedule. Then it reads the
-final and best ``val/acc1`` from the TensorBoard logs, runs ``flip_analysis.py`` on the vanilla and
-AGS+SAD runs of the first seed, and writes ``benchmarks/results/accuracy.{md,json}``.
+Each (variant, seed) is one ``lightning-ovsw fit`` run (started as ``python -m lightning_ovsw.cli fit``) of
+the recipe YAML in ``configs/``, several at once (they share one GPU well: small networks leave it idle
+between kernels). ``--epochs`` stops every run early on the full ``--schedule-epochs`` cosine schedule, so a
+later invocation with ``--resume`` and a larger ``--epochs`` continues each run from its ``last.ckpt`` on the
+same schedule. Then it reads the final and best ``val/acc1`` from the TensorBoard logs, runs
+``flip_analysis.py`` on the vanilla and AGS+SAD runs of the first seed, and writes
+``benchmarks/results/accuracy.{md,json}``.
 
     python benchmarks/accuracy.py --data ../shared/data/cifar10-jpeg.tar.xz --epochs 30 --parallel 8
 """
@@ -39,7 +40,7 @@ def command(args: argparse.Namespace, variant: str, seed: int) -> list[str]:
     directory = run_dir(args.runs, args.model, variant, seed)
     config = ROOT / "configs" / f"cifar10_{args.model}{VARIANTS[variant]}.yaml"
     cmd = [
-        str(Path(sys.executable).parent / "lightning-ovsw"), "fit", "-c", str(config),
+        sys.executable, "-m", "lightning_ovsw.cli", "fit", "-c", str(config),
         f"--seed_everything={seed}", f"--data.init_args.seed={seed}", f"--trainer.max_epochs={args.epochs}",
         f"--model.schedule_epochs={args.schedule_epochs}", f"--model.warmup_epochs={args.warmup_epochs}",
         f"--data.init_args.data_dir={args.data}", "--data.init_args.download=false",
