@@ -3,9 +3,13 @@ small batches through an 8192x8192 layer, every binary conv shape of ImageNet Re
 ragged shapes, in every inner-product mode through the real autotune configs. Skipped without CUDA.
 
 The oracle is ``kernels/reference.py`` (unpack to +-1, float32 matmul / ``F.conv2d``: exact here).
+``OVSW_CUDA_EXAMPLES`` sets the number of random shapes per property test (default 40; the time-boxed
+``benchmarks/gpu_packed_session.sh`` uses fewer: every new shape autotunes).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -24,6 +28,7 @@ if torch.cuda.is_available():
 else:
     MODES = []
 
+EXAMPLES = int(os.environ.get("OVSW_CUDA_EXAMPLES", "40"))
 # (H=W of the input, Cin, Cout, kernel, stride, padding) of every binary conv in torchvision's
 # ResNet-18 at 224x224 (3x3 convs and the 1x1 stride-2 downsample convs; the 7x7 stem stays float).
 RESNET18_CONVS = [
@@ -106,7 +111,7 @@ def test_conv_fused_residual_block_batch64(mode) -> None:
     torch.testing.assert_close(out.float(), ref.float(), rtol=2**-8, atol=2e-2)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
 @given(
     m=st.integers(1, 700), n=st.integers(1, 700), k=st.integers(1, 3000), mode=st.sampled_from(MODES or [0])
 )
@@ -115,7 +120,7 @@ def test_gemm_random_ragged(m: int, n: int, k: int, mode) -> None:
     assert torch.equal(ops.triton_packed_linear(a, b, k, mode=mode), reference.packed_gemm(a, b, k))
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
 @given(
     n=st.integers(1, 9), c=st.integers(1, 300), hw=st.integers(3, 30), cout=st.integers(1, 300),
     k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), dilation=st.sampled_from([1, 2]),
