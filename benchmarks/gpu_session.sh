@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_session.sh train accuracy      # ~5 min; accuracy needs CIFAR-10 in $OVSW_DATA
 #
 # tests:    every CUDA test (packed Triton kernels and CUDA graphs, fused training kernels, OvSW update
-#           kernels, callbacks under 16-mixed / bf16-mixed against a plain AMP loop);
+#           kernels, callbacks under 16-mixed / bf16-mixed against a plain AMP loop); OVSW_CUDA_EXAMPLES=10
+#           random shapes per property test instead of 40;
 # packed:   packed_gemm_gpu.py, packed_conv_gpu.py, packed_resnet_gpu.py in quick mode (issue 5 targets);
 # train:    train_throughput.py (float twin, BNN, each callback, all three; fused and unfused) and
 #           layer_kernels_gpu.py (issue 4 targets);
@@ -24,7 +25,7 @@ SHIM=$(mktemp -d)
 mkdir "$SHIM/lightning_ovsw"
 for f in "$ROOT"/lightning_ovsw/*; do ln -s "$f" "$SHIM/lightning_ovsw/"; done
 ln -s "$ROOT/kernels" "$SHIM/lightning_ovsw/kernels"
-export PYTHONPATH="$SHIM:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OVSW_QUICK=1
+export PYTHONPATH="$SHIM:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OVSW_QUICK=1 OVSW_CUDA_EXAMPLES=10
 unset TRITON_INTERPRET
 RESULTS=${OUT:-$ROOT/benchmarks/results}
 LOG=$RESULTS/gpu_session.log
@@ -50,9 +51,9 @@ for section in "${@:-tests}"; do
       step "pytest (CUDA tests)" 300 "$PY" -m pytest -q -p no:cacheprovider --durations=10 \
         tests/test_triton_cuda.py tests/test_callbacks_cuda.py tests/test_ovsw_update.py tests/test_train_kernels.py ;;
     packed)
-      step "packed_gemm_gpu.py" 60 "$PY" benchmarks/packed_gemm_gpu.py --quick
-      step "packed_conv_gpu.py" 60 "$PY" benchmarks/packed_conv_gpu.py --quick
-      step "packed_resnet_gpu.py" 100 "$PY" benchmarks/packed_resnet_gpu.py --quick ;;
+      step "packed_gemm_gpu.py" 45 "$PY" benchmarks/packed_gemm_gpu.py --quick
+      step "packed_conv_gpu.py" 55 "$PY" benchmarks/packed_conv_gpu.py --quick
+      step "packed_resnet_gpu.py" 110 "$PY" benchmarks/packed_resnet_gpu.py --quick ;;
     train)
       step "train_throughput.py" 150 "$PY" benchmarks/train_throughput.py --precisions 16-mixed --steps 30 --warmup 8 --unfused
       step "train_throughput.py bf16" 60 "$PY" benchmarks/train_throughput.py --precisions bf16-mixed --steps 30 --warmup 8
