@@ -4,7 +4,7 @@ ragged shapes, in every inner-product mode through the real autotune configs. Sk
 
 The oracle is ``kernels/reference.py`` (unpack to +-1, float32 matmul / ``F.conv2d``: exact here).
 ``OVSW_CUDA_EXAMPLES`` sets the number of random shapes per property test (default 40; the time-boxed
-``benchmarks/gpu_packed_session.sh`` uses fewer: every new shape autotunes).
+``benchmarks/gpu_session.sh`` uses fewer: every new shape autotunes).
 """
 
 from __future__ import annotations
