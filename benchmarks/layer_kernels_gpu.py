@@ -17,44 +17,22 @@ Needs CUDA with compiled Triton kernels.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from packed_gemm_gpu import RESULTS, environment, refuse_without_gpu  # noqa: E402
+
 # (in, out, kernel, stride, input size) of the binary convs of the CIFAR ResNet-18 (design §2)
 RESNET18_CONVS = [
     (64, 64, 3, 1, 32), (64, 128, 3, 2, 32), (128, 128, 3, 1, 16), (64, 128, 1, 2, 32),
     (128, 256, 3, 2, 16), (256, 256, 3, 1, 8), (128, 256, 1, 2, 16),
     (256, 512, 3, 2, 8), (512, 512, 3, 1, 4), (256, 512, 1, 2, 8),
 ]
-
-
-def refuse_without_gpu() -> None:
-    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit(f"{Path(sys.argv[0]).name} needs a CUDA GPU with compiled Triton kernels "
-                 "(TRITON_INTERPRET unset); nothing was measured.")
-
-
-def environment() -> dict:
-    import triton
-
-    return {
-        "device": torch.cuda.get_device_name(),
-        "capability": list(torch.cuda.get_device_capability()),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([sys.executable, *sys.argv]),
-    }
 
 
 def bench_ms(fn) -> float:
