@@ -34,12 +34,13 @@ def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--log-dir", default="ovsw_logs")
+    parser.add_argument("--noise", type=float, default=7.0, help="noise of the synthetic images (higher is harder)")
     args = parser.parse_args(argv)
     pl.seed_everything(0, workers=True)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     model = binarize_model(small_cnn())
     module = ClassificationModule(model, lr=0.05, weight_decay=5e-4, warmup_epochs=0.5)
-    data = SyntheticDataModule(num_train=5000, num_val=1000, batch_size=128)
+    data = SyntheticDataModule(num_train=5000, num_val=1000, batch_size=128, noise=args.noise)
     logger = TensorBoardLogger(args.log_dir, name="demo")
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", logger=logger, log_every_n_steps=10,
