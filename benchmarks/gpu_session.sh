@@ -48,7 +48,7 @@ step() {  # step NAME SECONDS COMMAND...
 for section in "${@:-tests}"; do
   case $section in
     tests)
-      step "pytest (CUDA tests)" 300 "$PY" -m pytest -q -p no:cacheprovider --durations=10 \
+      step "pytest (CUDA tests)" 300 "$PY" -m pytest -v -p no:cacheprovider --durations=10 \
         tests/test_triton_cuda.py tests/test_callbacks_cuda.py tests/test_ovsw_update.py tests/test_train_kernels.py ;;
     packed)
       step "packed_gemm_gpu.py" 45 "$PY" benchmarks/packed_gemm_gpu.py --quick
