@@ -1,4 +1,5 @@
-"""Compile every GPU autotune config of the packed kernels for one CUDA architecture, without a GPU.
+"""Compile every GPU kernel (each autotune config of the packed kernels; the training and OvSW update
+kernels) for one CUDA architecture, without a GPU.
 
 Triton compiles to PTX and (with its bundled ``ptxas``) to a cubin on any machine, so this catches
 compile errors and reports register spills of each config before a GPU session runs them. Must run in
@@ -22,10 +23,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import conv, dense, gemm, pack
+from . import binarize, conv, dense, gemm, ovsw_update, pack
 
 # int arguments that are multiples of 16 in the shapes that matter (Triton specializes those at launch)
 _DIV16 = {"M", "N", "K", "KW", "KP", "COUT", "C", "CP", "R"}
+_FLOAT_ARGS = {"delta", "momentum", "one_minus_momentum", "threshold", "penalty"}
 _OUT = {"out_ptr": "*bf16", "scale_ptr": "*fp32", "bias_ptr": "*fp32", "res_ptr": "*bf16"}
 
 
@@ -39,6 +41,8 @@ def _compile(kernel, pointers: dict[str, str], constants: dict, config: triton.C
         elif name in values:
             signature[name] = "constexpr"
             constexprs[name] = values[name]
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
         else:
             signature[name] = "i32"
             if name in _DIV16 and not (kernel is conv.packed_conv_kernel and name == "KW"):
@@ -81,6 +85,34 @@ def jobs():
     yield "sign_pack_rows", pack.sign_pack_rows_kernel, {"x_ptr": "*bf16", "out_ptr": "*i32"}, {}, c
     c = triton.Config({"BLOCK_P": 64, "BLOCK_KW": 2}, num_warps=4, num_stages=1)
     yield "sign_pack_nchw", pack.sign_pack_nchw_kernel, {"x_ptr": "*bf16", "out_ptr": "*i32"}, {}, c
+    yield from training_jobs()
+
+
+def training_jobs():
+    """The fused binary-layer training kernels (``binarize``) and the OvSW update kernels (``ovsw_update``)."""
+    one = lambda warps: triton.Config({}, num_warps=warps, num_stages=1)  # noqa: E731
+    for dt in ("fp32", "fp16", "bf16"):
+        for moments in (True, False):
+            yield "sign_moments", binarize.sign_moments_kernel, {
+                "x_ptr": f"*{dt}", "sign_ptr": f"*{dt}", "mean_ptr": "*fp32", "m2_ptr": "*fp32"}, {
+                "BLOCK": 4096, "MOMENTS": moments}, one(8)
+        for scaled in (True, False):
+            yield "weight", binarize.weight_kernel, {"w_ptr": "*fp32", "out_ptr": f"*{dt}", "alpha_ptr": "*fp32"}, {
+                "BLOCK": 1024, "SCALED": scaled}, one(4)
+        for estimator in (0, 1, 2):
+            yield "sign_backward", binarize.sign_backward_kernel, {
+                "grad_ptr": f"*{dt}", "x_ptr": f"*{dt}", "inv_std_ptr": "*fp32", "out_ptr": f"*{dt}"}, {
+                "ESTIMATOR": estimator, "HAS_STD": True, "BLOCK": 2048}, one(8)
+    yield "inv_std", binarize.inv_std_kernel, {"mean_ptr": "*fp32", "m2_ptr": "*fp32", "out_ptr": "*fp32"}, {
+        "BLOCK": 4096, "NB_BLOCK": 256}, one(4)
+    yield "ags_rows", ovsw_update.ags_rows_kernel, {
+        "w_ptr": "*fp32", "g_ptr": "*fp32", "starts_ptr": "*i64", "lengths_ptr": "*i64", "ratio_ptr": "*fp32"}, {
+        "BLOCK": 1024}, one(4)
+    for full in (True, False):
+        flags = dict(HAS_SKIP=full, HAS_TRACKER=full, HAS_GRAD=full, HAS_COUNTS=True)
+        yield "sign_update", ovsw_update.sign_update_kernel, {
+            "w_ptr": "*fp32", "bits_ptr": "*u8", "skip_ptr": "*i1", "g_ptr": "*fp32", "tracker_ptr": "*fp32",
+            "counts_ptr": "*i32", "silent_ptr": "*i32"}, {**flags, "BYTES": 128}, one(4)
 
 
 def main(argv: list[str] | None = None) -> int:
