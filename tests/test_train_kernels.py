@@ -6,6 +6,8 @@ so shapes stay small; ragged sizes (not multiples of any block) on purpose.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import requires_cuda
@@ -226,3 +228,26 @@ def test_cuda_resnet18_shapes(dtype, monkeypatch):
     rows = w.double().flatten(1)
     ref = ((rows - rows.mean(1, keepdim=True)) / torch.sqrt(rows.var(1, keepdim=True) + 1e-5)).abs().mean(1)
     torch.testing.assert_close(alpha.double(), ref, rtol=1e-6, atol=0)
+
+
+def test_trainer_fused_path_matches_plain_path(monkeypatch):
+    """A Trainer with AGS + SAD + FlipMonitor, every Triton path on (layers and callback updates) vs every
+    PyTorch path: the same weights and trackers after a few SGD steps (rounding only: few steps, since a BNN
+    amplifies rounding differences through sign flips)."""
+    from test_callbacks import DELTA, SIGMA, TAU, M, fit, make_data, make_model
+
+    from lightning_ovsw import AGSCallback, FlipMonitor, SADCallback
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a CPU Trainer through Triton needs TRITON_INTERPRET=1; tests/test_callbacks_cuda.py covers CUDA")
+    steps, data, runs = 4, make_data(8 * 4), {}
+    for fused in (False, True):
+        monkeypatch.setattr(train_ops, "FUSED", fused)
+        monkeypatch.setenv("LIGHTNING_OVSW_FUSED", "1" if fused else "0")
+        callbacks = [AGSCallback(DELTA), SADCallback(SIGMA, M, TAU), FlipMonitor(histograms=False)]
+        _, module = fit(make_model(), data, steps, callbacks)
+        runs[fused] = module.model, callbacks[1].trackers
+    for (name, p), q in zip(runs[True][0].named_parameters(), runs[False][0].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    for name, t in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], t, rtol=1e-5, atol=1e-7)
