@@ -68,8 +68,14 @@ def use_fused(x: Tensor, w: Tensor) -> bool:
     """
     if x.dtype not in _FLOATS or w.dtype not in _FLOATS or x.numel() == 0:
         return False
+    return wants_triton(x)
+
+
+def wants_triton(t: Tensor) -> bool:
+    """The switch of every fused path (binary layers, OvSW updates): ``FUSED``, else ``LIGHTNING_OVSW_FUSED``,
+    else Triton for CUDA tensors when it is installed."""
     mode = FUSED if FUSED is not None else _mode_from_env()
-    return mode if mode is not None else _TRITON_OK and x.is_cuda
+    return mode if mode is not None else _TRITON_OK and t.is_cuda
 
 
 # ----------------------------------------------------------------------------------------- helpers

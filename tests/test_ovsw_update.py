@@ -144,7 +144,7 @@ def test_trainer_on_triton_path_matches_plain_loop(monkeypatch):
         original = getattr(kernels, fn)
         monkeypatch.setattr(kernels, fn, lambda *a, _f=original, _n=fn: calls.append(_n) or _f(*a))
     monkeypatch.setenv("LIGHTNING_OVSW_FUSED", "1")
-    monkeypatch.setattr("lightning_ovsw.kernels.train_ops.FUSED", False)  # only the callback kernels here
+    monkeypatch.setattr("lightning_ovsw.kernels.train_ops.use_fused", lambda x, w: False)  # plain layers here
     steps, data = 12, make_data(8 * 12)
     ref, ref_tracker = reference_loop(make_model(), data, steps)
     callbacks = [AGSCallback(DELTA), SADCallback(SIGMA, M, TAU), FlipMonitor(histograms=False)]

@@ -101,7 +101,7 @@ class OvSWCallback(Callback):
             for cb in self._peers:
                 if cb.needs_signs:
                     if cb._signs is not None and cb._signs is not shared:
-                        shared.load_state_dict({**cb._signs.by_name(), **shared.by_name()})
+                        shared.load({**cb._signs.by_name(), **shared.by_name()})
                     cb._signs = shared
 
     def on_before_optimizer_step(
@@ -162,11 +162,11 @@ class OvSWCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"steps": self._steps}
         if self._signs is not None:
-            state["signs"] = self._signs.state_dict()
+            state["signs"] = self._signs.by_name()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._steps = state_dict["steps"]
         if "signs" in state_dict:
             self._signs = self._signs or SignState()
-            self._signs.load_state_dict(state_dict["signs"])
+            self._signs.load(state_dict["signs"])

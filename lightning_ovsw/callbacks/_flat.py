@@ -76,32 +76,49 @@ class FlatLayout:
         }
 
 
-class FlatState:
-    """One per-weight state tensor (SAD tracker, flip counts) for every binary weight, as flat buffers.
+class _PerLayout:
+    """Per-weight state kept as one flat buffer per layout (one per optimizer), by weight name.
 
-    There is one buffer per layout (one per optimizer); ``by_name`` gives per-weight tensors for
-    checkpoints, ``load`` takes them back. Weights seen for the first time start at ``fill``.
+    A layout seen for the first time takes over the state of its weights from older layouts (which drop
+    them) or from ``load``; ``by_name`` gives one tensor per weight for checkpoints.
     """
 
-    def __init__(self, dtype: torch.dtype, fill: float) -> None:
-        self.dtype, self.fill = dtype, fill
+    def __init__(self) -> None:
         self.flats: dict[tuple[str, ...], tuple[FlatLayout, Tensor]] = {}
         self.saved: dict[str, Tensor] = {}
 
-    def for_layout(self, layout: FlatLayout) -> Tensor:
+    def _flat(self, layout: FlatLayout, build) -> Tensor:
+        """The buffer of ``layout``; ``build(state by name)`` makes it the first time."""
         if layout.key not in self.flats:
             current = self.by_name()
-            parts = [
-                current[n].reshape(-1).to(layout.device, self.dtype)
-                if n in current
-                else torch.full((k,), self.fill, dtype=self.dtype, device=layout.device)
-                for n, k in zip(layout.names, layout.numels, strict=True)
-            ]
+            flat = build(current)
             taken = set(layout.names)
             self.saved = {n: t.clone() for n, t in current.items() if n not in taken}
             self.flats = {key: v for key, v in self.flats.items() if not taken.intersection(key)}
-            self.flats[layout.key] = (layout, torch.cat(parts))
+            self.flats[layout.key] = (layout, flat)
         return self.flats[layout.key][1]
+
+    def by_name(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def load(self, state: dict[str, Tensor]) -> None:
+        self.saved, self.flats = dict(state), {}
+
+
+class FlatState(_PerLayout):
+    """One per-weight state tensor (SAD tracker, flip counts) of ``dtype``; new weights start at ``fill``."""
+
+    def __init__(self, dtype: torch.dtype, fill: float) -> None:
+        super().__init__()
+        self.dtype, self.fill = dtype, fill
+
+    def for_layout(self, layout: FlatLayout) -> Tensor:
+        return self._flat(layout, lambda current: torch.cat([
+            current[n].reshape(-1).to(layout.device, self.dtype)
+            if n in current
+            else torch.full((k,), self.fill, dtype=self.dtype, device=layout.device)
+            for n, k in zip(layout.names, layout.numels, strict=True)
+        ]))
 
     def by_name(self) -> dict[str, Tensor]:
         out = dict(self.saved)
@@ -109,35 +126,24 @@ class FlatState:
             out.update(layout.split(flat))
         return out
 
-    def load(self, state: dict[str, Tensor]) -> None:
-        self.saved, self.flats = dict(state), {}
 
-
-class SignState:
+class SignState(_PerLayout):
     """Signs of every binary weight one optimizer step ago, one bit per weight (``1`` = negative).
 
     Stored as one packed bit vector per layout. A weight seen for the first time takes its current sign
     (no flip is counted at its first step). ``by_name`` / ``load`` use one packed vector per weight.
     """
 
-    def __init__(self) -> None:
-        self.flats: dict[tuple[str, ...], tuple[FlatLayout, Tensor]] = {}
-        self.saved: dict[str, Tensor] = {}
-
     def for_layout(self, layout: FlatLayout, weights: Tensor) -> Tensor:
         """The packed previous signs for ``layout``; ``weights`` is the step's flat weight vector."""
-        if layout.key not in self.flats:
-            current = self.by_name()
+        def build(current: dict[str, Tensor]) -> Tensor:
             now = layout.split(weights)
-            negative = torch.cat([
+            return pack_bits(torch.cat([
                 unpack_bits(current[n].to(layout.device), k) if n in current else (now[n] < 0).reshape(-1)
                 for n, k in zip(layout.names, layout.numels, strict=True)
-            ])
-            taken = set(layout.names)
-            self.saved = {n: t for n, t in current.items() if n not in taken}
-            self.flats = {key: v for key, v in self.flats.items() if not taken.intersection(key)}
-            self.flats[layout.key] = (layout, pack_bits(negative))
-        return self.flats[layout.key][1]
+            ]))
+
+        return self._flat(layout, build)
 
     def by_name(self) -> dict[str, Tensor]:
         out = dict(self.saved)
@@ -145,9 +151,3 @@ class SignState:
             negative = unpack_bits(bits, layout.numel)
             out.update({n: pack_bits(t) for n, t in layout.split(negative).items()})
         return out
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.by_name()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.saved, self.flats = dict(state), {}

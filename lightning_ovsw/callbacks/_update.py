@@ -2,31 +2,25 @@
 
 ``ags_scale_`` and ``sign_update_`` take the flat vectors of one step (see ``_flat``). On CUDA they run
 as one Triton kernel each (``lightning_ovsw.kernels.triton.ovsw_update``); elsewhere as a handful of
-whole-vector PyTorch ops, which are also the reference. ``LIGHTNING_OVSW_FUSED=0`` forces PyTorch,
-``=1`` forces Triton (on CPU tensors only under ``TRITON_INTERPRET=1``: how CI tests the kernels).
+whole-vector PyTorch ops, which are also the reference. The switch is the binary layers' one
+(``kernels.train_ops.wants_triton``): ``LIGHTNING_OVSW_FUSED=0`` forces PyTorch, ``=1`` forces Triton (on CPU
+tensors only under ``TRITON_INTERPRET=1``: how CI tests the kernels).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import Tensor
 
 from lightning_ovsw.callbacks._flat import FlatLayout, pack_bits, unpack_bits
-
-
-def use_triton(t: Tensor) -> bool:
-    """Triton for CUDA tensors by default; ``LIGHTNING_OVSW_FUSED`` = ``0`` (never) or ``1`` (always)."""
-    choice = os.environ.get("LIGHTNING_OVSW_FUSED", "auto")
-    return choice == "1" or (choice != "0" and t.device.type == "cuda")
+from lightning_ovsw.kernels.train_ops import wants_triton
 
 
 @torch.no_grad()
 def ags_scale_(layout: FlatLayout, weights: Tensor, grad: Tensor, delta: float) -> Tensor:
     """Eq. 14 on every filter row of the flat ``grad`` in place; returns ``||G[i]|| / ||W[i]||`` per row
     (with the clamps ``1e-6`` / ``1e-3``), in layout row order."""
-    if use_triton(grad):
+    if wants_triton(grad):
         from lightning_ovsw.kernels.triton.ovsw_update import triton_ags_scale_
 
         return triton_ags_scale_(layout, weights, grad, delta)
@@ -70,7 +64,7 @@ def sign_update_(
     ``counts`` for FlipMonitor. Returns the number of silent weights ``[T < threshold]`` (a device scalar,
     zero on a skipped step) when ``tracker`` is given, else None.
     """
-    if use_triton(weights):
+    if wants_triton(weights):
         from lightning_ovsw.kernels.triton.ovsw_update import triton_sign_update_
 
         return triton_sign_update_(weights, bits, skip, grad, tracker, counts, momentum, threshold, penalty)

@@ -60,9 +60,10 @@ class FlipMonitor(OvSWCallback):
         Flips in the interval are the growth of ``flip_counts`` since the last call (read only here).
         """
         steps = float(self._interval_steps)
-        totals = {name: counts.sum(dtype=torch.int64) for name, counts in self.flip_counts.items()}
+        flip_counts = self.flip_counts
+        totals = {name: counts.sum(dtype=torch.int64) for name, counts in flip_counts.items()}
         out, flips, numel = {}, 0.0, 0
-        for name, counts in self.flip_counts.items():
+        for name, counts in flip_counts.items():
             interval = (totals[name] - self._interval_start.get(name, 0)).item()
             out[name] = interval / (counts.numel() * steps) if steps else 0.0
             flips, numel = flips + interval, numel + counts.numel()
