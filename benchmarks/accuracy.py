@@ -54,6 +54,15 @@ def command(args: argparse.Namespace, variant: str, seed: int) -> list[str]:
     return cmd
 
 
+def record_invocation(directory: Path, cmd: list[str], wall_s: float, returncode: int) -> None:
+    """Append this invocation (command, wall time, exit code) to the run's ``invocations.json``."""
+    path = directory / "invocations.json"
+    history = json.loads(path.read_text()) if path.exists() else []
+    history.append({"command": " ".join(cmd), "wall_s": round(wall_s, 1), "returncode": returncode,
+                    "ended": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    path.write_text(json.dumps(history, indent=2))
+
+
 def read_accuracy(directory: Path) -> dict[str, float | int]:
     events = EventAccumulator(str(directory / "tb" / "version_0"), size_guidance={"scalars": 0})
     events.Reload()
@@ -69,6 +78,8 @@ def main() -> None:
     parser.add_argument("--model", default="resnet20", choices=sorted(PAPER))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--later-seeds-variants", nargs="+", choices=list(VARIANTS), default=None,
+                        help="variants that also run the seeds after the first (default: all)")
     parser.add_argument("--epochs", type=int, required=True, help="stop every run after this many epochs")
     parser.add_argument("--schedule-epochs", type=float, default=600, help="cosine schedule length (recipe: 600)")
     parser.add_argument("--warmup-epochs", type=float, default=5)
@@ -82,7 +93,10 @@ def main() -> None:
     if args.schedule_epochs < args.epochs:
         parser.error("--schedule-epochs must be >= --epochs")
 
-    jobs = [] if args.report_only else [(v, s) for v in args.variants for s in args.seeds]
+    later = args.variants if args.later_seeds_variants is None else args.later_seeds_variants
+    jobs = [] if args.report_only else [
+        (v, s) for i, s in enumerate(args.seeds) for v in args.variants if i == 0 or v in later
+    ]  # seed-major: every variant's first seed finishes before any second seed starts
     start, running, failed = time.time(), [], []
     while jobs or running:
         while jobs and len(running) < args.parallel:
@@ -90,11 +104,14 @@ def main() -> None:
             directory = run_dir(args.runs, args.model, variant, seed)
             directory.mkdir(parents=True, exist_ok=True)
             log = open(directory / "fit.log", "a")  # noqa: SIM115  (closed when the run ends)
-            running.append((variant, seed, log, subprocess.Popen(command(args, variant, seed), stdout=log, stderr=log)))
+            cmd = command(args, variant, seed)
+            running.append((variant, seed, log, subprocess.Popen(cmd, stdout=log, stderr=log), time.time(), cmd))
         time.sleep(2)
         for item in [r for r in running if r[3].poll() is not None]:
             running.remove(item)
             item[2].close()
+            directory = run_dir(args.runs, args.model, item[0], item[1])
+            record_invocation(directory, item[5], time.time() - item[4], item[3].returncode)
             if item[3].returncode:
                 log_path = run_dir(args.runs, args.model, item[0], item[1]) / "fit.log"
                 failed.append(f"{item[0]} seed {item[1]} (exit {item[3].returncode}, see {log_path})")

@@ -159,3 +159,22 @@ def test_imagenet_batchnorm2d_weights_start_at_1e_8(name):
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(torch.all(m.weight == 1e-8) and torch.all(m.bias == 0) for m in bns)
     assert isinstance(model.bn2, nn.BatchNorm1d) and torch.all(model.bn2.weight == 1)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_binary_convs_start_kaiming_normal_fan_in(name: str) -> None:
+    """Appendix C: every binary conv (and its float twin) starts from N(0, 2 / fan_in)."""
+    torch.manual_seed(0)
+    binary = create_model(name)
+    twin = create_model(name, binary=False)
+    names = [n for n, m in binary.named_modules() if isinstance(m, BinaryConv2d)]
+    assert names
+    twin_modules = dict(twin.named_modules())
+    for n in names:
+        for w in (binary.get_submodule(n).weight, twin_modules[n].weight):
+            fan_in = w[0].numel()
+            expected = (2.0 / fan_in) ** 0.5
+            # the sample std of n normal draws has relative standard error ~ 1 / sqrt(2 n); allow 5 of them
+            tol = 5.0 / (2 * w.numel()) ** 0.5
+            assert abs(w.std().item() / expected - 1) < tol, (name, n, w.std().item(), expected)
+            assert abs(w.mean().item()) < 5 * expected / w.numel() ** 0.5
