@@ -13,7 +13,7 @@ import hashlib
 import os
 import tarfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -21,8 +21,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from lightning import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 CIFAR10_MEAN = (0.491, 0.482, 0.447)
 CIFAR10_STD = (0.247, 0.243, 0.262)
@@ -31,6 +32,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _ARCHIVE_SUFFIXES = (".tar", ".tar.xz", ".txz", ".tar.gz", ".tgz")
 _CACHE_VERSION = 1
+VAL_ORDER_SEED = 0
 
 
 class TensorImageDataset(Dataset):
@@ -79,11 +81,59 @@ def random_crop_flip(images: Tensor, padding: int, generator: torch.Generator | 
     return padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (stable across processes, unlike ``hash`` of strings)."""
+    out = 0
+    for v in values:
+        out = (out * 1_000_003 + int(v) + 0x9E3779B9) % (1 << 63)
+    return out
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffled order of ``range(n)`` that depends on ``(seed, epoch)`` only.
+
+    Lightning calls ``set_epoch`` at every epoch start, so epoch ``e`` of a resumed run sees the same order
+    as epoch ``e`` of an uninterrupted one (a ``DataLoader(shuffle=True, generator=...)`` replays epoch 0's
+    order after every restart). ``resume(epoch, skip)`` leaves out the first ``skip`` indices once, when
+    that epoch is iterated: the part a mid-epoch checkpoint had already trained on.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+        self._skip: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume(self, epoch: int, skip: int) -> None:
+        self._skip = (epoch, skip)
+
+    def order(self, epoch: int) -> Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:  # a generator: the epoch is read at the first ``next``
+        skip = 0
+        if self._skip is not None:
+            if self._skip[0] == self.epoch:
+                skip = self._skip[1]
+            self._skip = None
+        yield from self.order(self.epoch)[skip:].tolist()
+
+
 class InMemoryImageDataModule(LightningDataModule):
     """Base for uint8-in-memory datasets: batched gathers, seeded shuffling, on-device augmentation.
 
     Subclasses implement ``_load(stage)`` returning ``(train_images, train_labels, val_images,
     val_labels)``; the validation split doubles as the test split (CIFAR-10 has no other).
+
+    Resume is exact: the training order is a function of ``(seed, epoch)`` (``EpochShuffleSampler``), each
+    batch's crops and flips of ``(seed, rank, epoch, batch index)``, and the position inside the epoch is
+    checkpointed (``state_dict``), so a run resumed from an end-of-epoch or a mid-epoch checkpoint trains on
+    exactly the batches an uninterrupted run would. The validation split is served in one fixed shuffled
+    order (seed ``VAL_ORDER_SEED``, the same for every run) so that ``limit_val_batches`` sees every class.
     """
 
     def __init__(
@@ -112,7 +162,8 @@ class InMemoryImageDataModule(LightningDataModule):
         self.std = tuple(float(s) for s in std)
         self.train_set: TensorImageDataset | None = None
         self.val_set: TensorImageDataset | None = None
-        self._aug_generator: torch.Generator | None = None
+        self._position: tuple[int, int] = (0, 0)  # (epoch, training batches transformed in it)
+        self._resume: tuple[int, int] | None = None
         self._stats: dict[str, tuple[Tensor, Tensor]] = {}
 
     def _load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -122,14 +173,20 @@ class InMemoryImageDataModule(LightningDataModule):
         if self.train_set is None:
             xtr, ytr, xva, yva = self._load()
             self.train_set = TensorImageDataset(xtr, ytr)
-            self.val_set = TensorImageDataset(xva, yva)
+            order = torch.randperm(len(yva), generator=torch.Generator().manual_seed(VAL_ORDER_SEED))
+            self.val_set = TensorImageDataset(xva[order], yva[order])  # classes mixed: partial evals are fair
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loader(self, dataset: TensorImageDataset | None, shuffle: bool, batch_size: int) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader.")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        sampler = None
+        if shuffle:
+            sampler = EpochShuffleSampler(len(dataset), self.seed)
+            if self._resume is not None:  # a mid-epoch checkpoint: skip what that epoch already trained on
+                epoch, batches = self._resume
+                sampler.resume(epoch, batches * batch_size)
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=_keep_batch,
+            dataset, batch_size=batch_size, sampler=sampler, collate_fn=_keep_batch,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
@@ -143,11 +200,28 @@ class InMemoryImageDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if self._aug_generator is None or self._aug_generator.device != device:
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            self._aug_generator = torch.Generator(device=device).manual_seed(self.seed + 7919 * (rank + 1))
-        return self._aug_generator
+    def _next_train_batch(self) -> tuple[int, int]:
+        """``(epoch, index of this batch in the epoch)`` of the training batch being transformed."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        seen_epoch, seen = self._position
+        index = seen if epoch == seen_epoch else 0
+        self._position = (epoch, index + 1)
+        return epoch, index
+
+    def _augment_generator(self, device: torch.device, epoch: int, index: int) -> torch.Generator:
+        """The augmentation stream of one batch, a function of (seed, rank, epoch, batch index) alone, so a
+        resumed run draws the same crops and flips as an uninterrupted one."""
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return torch.Generator(device=device).manual_seed(_mix(self.seed, 7919 * (rank + 1), epoch, index))
+
+    def state_dict(self) -> dict[str, int]:
+        """Checkpointed position in the training stream: the epoch and how many of its batches were used."""
+        epoch, batches = self._position
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._position = (int(state_dict["epoch"]), int(state_dict["batches"]))
+        self._resume = self._position
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 ``(N, C, H, W)`` -> float32 ``(x / 255 - mean) / std``."""
@@ -163,9 +237,11 @@ class InMemoryImageDataModule(LightningDataModule):
         self, batch: tuple[Tensor, Tensor], dataloader_idx: int
     ) -> tuple[Tensor, Tensor]:
         images, labels = batch
-        training = self.trainer is not None and self.trainer.training
-        if training and self.augment:
-            images = random_crop_flip(images, self.crop_padding, self._generator(images.device))
+        if self.trainer is not None and self.trainer.training:
+            epoch, index = self._next_train_batch()
+            if self.augment:
+                generator = self._augment_generator(images.device, epoch, index)
+                images = random_crop_flip(images, self.crop_padding, generator)
         return self.normalize(images), labels
 
 
@@ -308,6 +384,14 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         if self.source != "auto":
             return self.source
         d = self.data_dir
+        if not d.exists():
+            if self.download and not d.name.endswith(_ARCHIVE_SUFFIXES):
+                return "torchvision"  # the user asked for torchvision's download into this directory
+            raise FileNotFoundError(
+                f"data_dir {str(d)!r} does not exist: give an existing ImageFolder root (train/, test/), a "
+                ".tar(.xz) of one, or a torchvision CIFAR-10 root; or download=True with a directory to "
+                "download CIFAR-10 into."
+            )
         if d.is_file() and d.name.endswith(_ARCHIVE_SUFFIXES):
             return "imagefolder"
         if (d / "train").is_dir():
@@ -407,6 +491,10 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         return result
 
     def _build_cache(self) -> dict[str, Tensor]:
+        rank_zero_info(
+            f"Decoding the CIFAR-10 images of {str(self.data_dir)!r} once (about 25 s for the full set on 2 "
+            f"cores); the result is cached in {str(self.cache_path())!r} for every later run."
+        )
         found = self._collect()
         classes = sorted({c for c, _, _ in found["train"]})
         if len(classes) != self.num_classes:

@@ -30,9 +30,18 @@ def small_cnn(num_classes: int = 10) -> nn.Module:
     )
 
 
-def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--epochs", type=int, default=4)
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def run(argv: list[str] | None = None) -> float:
+    """Train the demo and print what it did; returns the validation top-1 accuracy in [0, 1]."""
+    parser = argparse.ArgumentParser(prog="lightning-ovsw-demo", description=__doc__)
+    parser.add_argument("--epochs", type=positive_int, default=4)
+    parser.add_argument("--num-train", type=positive_int, default=5000, help="synthetic training images")
     parser.add_argument("--log-dir", default="ovsw_logs")
     parser.add_argument("--noise", type=float, default=7.0, help="noise of the synthetic images (higher is harder)")
     args = parser.parse_args(argv)
@@ -40,7 +49,7 @@ def main(argv: list[str] | None = None) -> float:
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     model = binarize_model(small_cnn())
     module = ClassificationModule(model, lr=0.05, weight_decay=5e-4, warmup_epochs=0.5)
-    data = SyntheticDataModule(num_train=5000, num_val=1000, batch_size=128, noise=args.noise)
+    data = SyntheticDataModule(num_train=args.num_train, num_val=1000, batch_size=128, noise=args.noise)
     logger = TensorBoardLogger(args.log_dir, name="demo")
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", logger=logger, log_every_n_steps=10,
@@ -54,6 +63,11 @@ def main(argv: list[str] | None = None) -> float:
     print(binarization_summary(model, (1, 3, 32, 32)))
     print(f"\nTensorBoard logs (flip dashboards under CUSTOM SCALARS): tensorboard --logdir {logger.log_dir}")
     return acc
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script ``lightning-ovsw-demo``: exit status 0 on success (``run`` returns the accuracy)."""
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,15 @@ class ClassificationModule(LightningModule):
     """Image classification with cross-entropy for any ``nn.Module`` or a zoo model name.
 
     Args:
-        model: an ``nn.Module`` (from YAML via ``class_path``) or a ``lightning_ovsw.models`` name.
+        model: a zoo name (resnet20_1w1a, resnet18_cifar_1w1a, vgg_small_1w1a, resnet18_1w1a,
+            resnet34_1w1a) or any ``nn.Module`` (in YAML: ``class_path`` + ``init_args``).
         model_kwargs: arguments for the zoo constructor when ``model`` is a name
             (``num_classes``, ``binary``, binary layer options).
         num_classes: for the accuracy metrics; inferred from the model's last layer when ``None``.
-        lr, momentum, nesterov, weight_decay: SGD settings (paper: 0.1, 0.9, off, 5e-4 / 1e-4).
+        lr: SGD peak learning rate (paper: 0.1 at batch 256; use a warm-up with it).
+        momentum: SGD momentum (paper: 0.9).
+        nesterov: Nesterov momentum (paper: off).
+        weight_decay: L2 weight decay (paper: 5e-4 CIFAR-10, 1e-4 ImageNet).
         no_decay_bn_bias: no weight decay on parameters with fewer than 2 dims (BatchNorm, biases,
             PReLU slopes, learnable scales); the paper's ImageNet recipe.
         warmup_epochs: linear warm-up length in epochs (may be fractional); 0 disables it.

@@ -125,9 +125,15 @@ def test_cifar_module_on_folder_and_archive_gives_exact_pixels(tmp_path, monkeyp
     assert dm.resolved_source() == "imagefolder"
     dm.prepare_data()
     dm.setup()
-    for split, ds, n in (("train", dm.train_set, 3), ("test", dm.val_set, 2)):
-        images, labels = expected_tensors(written, split, n)
-        assert torch.equal(ds.images, images) and torch.equal(ds.labels, labels)
+    images, labels = expected_tensors(written, "train", 3)
+    assert torch.equal(dm.train_set.images, images) and torch.equal(dm.train_set.labels, labels)
+    images, labels = expected_tensors(written, "test", 2)  # validation: the same pairs, in a shuffled order
+
+    def pairs(xs, ys):
+        return sorted((int(y), tuple(x.flatten().tolist())) for x, y in zip(xs, ys, strict=True))
+
+    assert pairs(dm.val_set.images, dm.val_set.labels) == pairs(images, labels)
+    assert not torch.equal(dm.val_set.labels, labels)
     assert dm.cache_path().exists()
 
     # a second module reads the cache (no decoding), loaded with weights_only=True
@@ -218,3 +224,31 @@ def test_imagefolder_module_transforms(tmp_path):
         ImageFolderDataModule(str(tmp_path / "only_train")).setup()
 
 
+
+
+@pytest.mark.parametrize("name, download", [("cifar10-jpg.tar.xz", True), ("cifar10-jpg.tar.xz", False),
+                                            ("no_such_dir", False)])
+def test_missing_data_dir_is_a_clear_error_and_creates_nothing(tmp_path, monkeypatch, name, download):
+    """A typo in the path never becomes a download attempt nor leaves a directory behind."""
+    monkeypatch.chdir(tmp_path)
+    data = CIFAR10DataModule(name, download=download, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match=name.replace(".", r"\.")):
+        data.prepare_data()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_validation_order_mixes_classes(tmp_path):
+    """Class-sorted data (as ImageFolder gives it) is served in a fixed shuffled order: a partial evaluation
+    (``limit_val_batches``) sees every class within its first 10 % of batches, the same order every run."""
+    make_folder(tmp_path / "data", {"train": 1, "test": 50})
+    orders = []
+    for seed in (0, 1):
+        data = CIFAR10DataModule(str(tmp_path / "data"), batch_size=10, eval_batch_size=10, seed=seed,
+                                 cache_dir=str(tmp_path / "cache"))
+        data.setup("fit")
+        batches = list(data.val_dataloader())
+        first = torch.cat([y for _, y in batches[: max(1, len(batches) // 10)]])
+        assert set(first.tolist()) == set(range(len(CLASSES)))
+        orders.append(torch.cat([y for _, y in batches]))
+    assert torch.equal(orders[0], orders[1])
+    assert sorted(orders[0].tolist()) == sorted(sum(([i] * 50 for i in range(len(CLASSES))), []))
