@@ -1,107 +1,11 @@
-// The fused row epilogues (compiled per ISA) and the packed GEMM: tiles of BLOCK_M rows x BLOCK_N output
-// channels, popcounts into a tile buffer, then the epilogue per row; tiles split over the threading hook.
+// The packed GEMM: tiles of BLOCK_M rows x BLOCK_N output channels, popcounts into a tile buffer, then the
+// row epilogue (epilogue.h) per row; tiles split over the threading hook.
+#include "epilogue.h"
 #include "microkernels.h"
-
-#include "half.h"
-
-#include <type_traits>
-#include <utility>
-
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF  // each epilogue step rounds on its own (GCC: build with -ffp-contract=off)
-#endif
 
 namespace ovsw::core {
 namespace detail {
 namespace {
-
-// One pass per row: acc -> float -> * scale -> + bias -> + residual (each step rounded like the reference),
-// then either (T = u32, packed_conv2d_sign) the sign bits of those float32 values into e.out, or the values
-// cast to T into e.out; with C (packed_conv2d_act) clamped to [lo, hi] after the cast, as torch's hardtanh on
-// the T tensor, and the sign bits of the stored values into e.bits. The options are template arguments and
-// the body is compiled for each ISA (the build's baseline is plain x86-64): one branch-free vector loop.
-template <class T, bool S, bool B, bool R, bool C>
-__attribute__((always_inline)) inline void epilogue_row(const TileEpilogue& e, int64_t row, const int32_t* pop,
-                                                        int64_t n0, int64_t cols) {
-  constexpr bool SIGN = std::is_same_v<T, u32>;
-  using Store = std::conditional_t<SIGN, float, T>;
-  int32_t acc[BLOCK_N];
-  float f[BLOCK_N];
-  e.accumulators(row, pop, n0, cols, acc);
-  Store* o = SIGN ? nullptr : static_cast<Store*>(e.out) + row * e.n + n0;
-  const float* sc = S ? e.scale + n0 : nullptr;
-  const float* bi = B ? e.bias + n0 : nullptr;
-  const float* re = R ? e.residual + row * e.n + n0 : nullptr;
-  const float lo = e.lo, hi = e.hi;
-  for (int64_t j = 0; j < cols; ++j) {
-    float v = static_cast<float>(acc[j]);
-    if constexpr (S) v = v * sc[j];
-    if constexpr (B) v = v + bi[j];
-    if constexpr (R) v = v + re[j];
-    if constexpr (SIGN) {
-      f[j] = v;
-    } else {
-      if constexpr (C) {
-        v = static_cast<float>(static_cast<Store>(v));
-        v = v < lo ? lo : (hi < v ? hi : v);
-      }
-      const Store t = static_cast<Store>(v);
-      o[j] = t;
-      if constexpr (C) f[j] = static_cast<float>(t);
-    }
-  }
-  const int64_t words = (e.n + 31) / 32;
-  if constexpr (SIGN) e.pack_row(f, static_cast<u32*>(e.out) + row * words + n0 / 32, cols);
-  if constexpr (C && !SIGN) {
-    if (e.bits) e.pack_row(f, e.bits + row * words + n0 / 32, cols);
-  }
-}
-
-template <class T, bool S, bool B, bool R, bool C>
-void row_portable(const TileEpilogue& e, int64_t row, const int32_t* pop, int64_t n0, int64_t cols) {
-  epilogue_row<T, S, B, R, C>(e, row, pop, n0, cols);
-}
-#if defined(__x86_64__)
-template <class T, bool S, bool B, bool R, bool C>
-OVSW_AVX2 void row_avx2(const TileEpilogue& e, int64_t row, const int32_t* pop, int64_t n0, int64_t cols) {
-  epilogue_row<T, S, B, R, C>(e, row, pop, n0, cols);
-}
-template <class T, bool S, bool B, bool R, bool C>
-OVSW_AVX512 void row_avx512(const TileEpilogue& e, int64_t row, const int32_t* pop, int64_t n0, int64_t cols) {
-  epilogue_row<T, S, B, R, C>(e, row, pop, n0, cols);
-}
-#endif
-
-template <class T, int I>
-RowFn row_variant([[maybe_unused]] int isa) {
-  constexpr bool S = I & 1, B = I & 2, R = I & 4, C = I & 8;
-#if defined(__x86_64__)
-#if defined(OVSW_HAVE_AVX512)
-  if (isa == kAvx512) return row_avx512<T, S, B, R, C>;
-#endif
-  if (isa == kAvx2) return row_avx2<T, S, B, R, C>;
-#endif
-  return row_portable<T, S, B, R, C>;
-}
-
-template <class T, int... I>
-RowFn row_table(int index, int isa, std::integer_sequence<int, I...>) {
-  const RowFn fns[] = {row_variant<T, I>(isa)...};
-  return fns[index];
-}
-
-// The row epilogue for e's options, output type and the current ISA; call after every option is set.
-RowFn select_row(const TileEpilogue& e) {
-  const int index = (e.scale != nullptr) | (e.bias != nullptr) << 1 | (e.residual != nullptr) << 2 | e.clamp << 3;
-  const auto all = std::make_integer_sequence<int, 16>{};
-  const int isa = current_isa();
-  switch (e.out_type) {
-    case Out::kSignBits: return row_table<u32>(index & 7, isa, all);
-    case Out::kBFloat16: return row_table<BFloat16>(index, isa, all);
-    case Out::kFloat16: return row_table<Half>(index, isa, all);
-    default: return row_table<float>(index, isa, all);
-  }
-}
 
 // Rows per tile: at most BLOCK_M, a multiple of mr, and as even as possible (49 rows: 2 x 30, not 48 + 1).
 int64_t balanced_block(int64_t m, int64_t mr) {
@@ -224,7 +128,16 @@ TileEpilogue make_epilogue(const Epilogue& epi, int64_t n, int64_t base) {
   e.hi = epi.hi;
   e.bits = e.clamp ? epi.bits : nullptr;
   e.pack_row = pack_row_fn();
-  if (e.out_type != Out::kInt32) e.row_store = select_row(e);
+  if (e.out_type != Out::kInt32) {
+    const int isa = current_isa();
+    e.row_store = select_rows_portable(e);
+#if defined(__x86_64__)
+    if (isa == kAvx2) e.row_store = select_rows_avx2(e);
+#endif
+#if defined(OVSW_HAVE_AVX512)
+    if (isa == kAvx512) e.row_store = select_rows_avx512(e);
+#endif
+  }
   return e;
 }
 
