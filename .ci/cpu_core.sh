@@ -14,6 +14,21 @@ BUILD=$(mktemp -d)
 trap 'rm -rf "$BUILD"' EXIT
 start=$SECONDS
 
+# build CXX OUTPUT FLAGS...: the core and its driver, the sources compiled in parallel, then linked.
+build() {
+  local cxx=$1 out=$2 src obj pid
+  shift 2
+  local objs=() pids=()
+  for src in "$CORE"/*.cpp; do
+    obj="$out-$(basename "$src" .cpp).o"
+    objs+=("$obj")
+    "$cxx" "$@" -c "$src" -o "$obj" &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+  "$cxx" "$@" "${objs[@]}" -o "$out"
+}
+
 # --- native
 CXX=${CXX:-c++}
 native=()
@@ -23,7 +38,8 @@ if [ "$(uname -m)" = x86_64 ] &&
   native+=(-DOVSW_CORE_NO_AVX512)
 fi
 echo "cpu_core: native $(uname -m) build ($CXX)"
-"$CXX" "${FLAGS[@]}" "${native[@]}" "$CORE"/*.cpp -o "$BUILD/test_core"
+build "$CXX" "$BUILD/test_core" "${FLAGS[@]}" "${native[@]}"
+echo "cpu_core: built in $((SECONDS - start)) s"
 "$BUILD/test_core" --cases "$CASES"
 
 # --- aarch64 under emulation
@@ -46,6 +62,7 @@ if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/
     g++-aarch64-linux-gnu qemu-user >/dev/null
 fi
 echo "cpu_core: aarch64 cross build (static), run under qemu-aarch64"
-aarch64-linux-gnu-g++ "${FLAGS[@]}" -static "$CORE"/*.cpp -o "$BUILD/test_core_aarch64"
+build aarch64-linux-gnu-g++ "$BUILD/test_core_aarch64" "${FLAGS[@]}" -static
+echo "cpu_core: at $((SECONDS - start)) s"
 qemu-aarch64 "$BUILD/test_core_aarch64" --cases "$CASES" --require neon
 echo "cpu_core: done in $((SECONDS - start)) s"
