@@ -129,7 +129,7 @@ TileEpilogue make_epilogue(const Epilogue& epi, int64_t n, int64_t base) {
   e.bits = e.clamp ? epi.bits : nullptr;
   e.pack_row = pack_row_fn();
   if (e.out_type != Out::kInt32) {
-    const int isa = current_isa();
+    [[maybe_unused]] const int isa = current_isa();
     e.row_store = select_rows_portable(e);
 #if defined(__x86_64__)
     if (isa == kAvx2) e.row_store = select_rows_avx2(e);

@@ -477,6 +477,7 @@ int self_check_half() {
       if (++bad <= 3) std::printf("reference half rounding disagrees with the compiler half type at 0x%08x\n", u);
     }
   }
+  std::printf("reference: half rounding checked against the compiler's half type, %d disagreements\n", bad);
 #endif
   return bad;
 }
@@ -512,6 +513,14 @@ int main(int argc, char** argv) {
     return 2;
   }
   int failures = self_check_half();
+  for (int isa : {-2, 0, 1, 2, 3, 99}) {  // every Isa and two unknown ones
+    const bool ok = isa >= 0 && isa <= core::kNeon && (core::supported_isas() >> isa & 1);
+    if (core::force_isa(isa) != ok) {
+      std::printf("FAIL: force_isa(%d) returned %d\n", isa, int(!ok));
+      ++failures;
+    }
+  }
+  core::force_isa(-1);
   std::vector<int> compiled = {core::kPortable};
 #if defined(__x86_64__)
   compiled.push_back(core::kAvx2);
