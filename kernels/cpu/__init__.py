@@ -1,8 +1,9 @@
 """C++ CPU popcount kernels behind the ``ovsw`` ops, built on first use with ``torch.utils.cpp_extension``.
 
-``ovsw_cpu.cpp`` holds AVX-512 VPOPCNTDQ, AVX2 and portable microkernels (NEON on aarch64) in one binary,
-chosen at run time from the CPU's features, or forced with ``LIGHTNING_OVSW_CPU_ISA`` =
-``avx512`` | ``avx2`` | ``portable`` (or ``set_isa``). The build is cached outside the source tree, in
+``ovsw_cpu.cpp`` binds the torch-free kernel core in ``core/`` (``core/ovsw_core.h``, tested on its own by
+``core/test_core.cpp``): AVX-512 VPOPCNTDQ, AVX2 and portable microkernels (NEON on aarch64) in one binary,
+chosen at run time from the CPU's features, or forced with ``LIGHTNING_OVSW_CPU_ISA`` = ``avx512`` |
+``avx2`` | ``portable`` | ``neon`` (or ``set_isa``). The build is cached outside the source tree, in
 ``$TORCH_EXTENSIONS_DIR/lightning_ovsw`` or ``~/.cache/lightning_ovsw/torch_extensions``. If it fails
 (no compiler, unsupported platform) ``load_extension`` returns None and ``build_error`` says why.
 """
@@ -19,7 +20,9 @@ import torch
 
 __all__ = ["available_isas", "build_error", "get_isa", "load_extension", "set_isa"]
 
-_SOURCE = Path(__file__).with_name("ovsw_cpu.cpp")
+_HERE = Path(__file__).parent
+# the binding and the core; core/test_*.cpp is the core's own test driver (.ci/cpu_core.sh), not built here
+_SOURCES = [_HERE / "ovsw_cpu.cpp", *sorted(p for p in (_HERE / "core").glob("*.cpp") if not p.name.startswith("test_"))]
 _ISAS = {"portable": 0, "avx2": 1, "avx512": 2, "neon": 3}
 _LOCK = threading.Lock()
 _STATE: dict = {"tried": False, "ext": None, "error": None}
@@ -71,7 +74,7 @@ def _build() -> Path | None:
         build_dir = _build_dir() / name
         try:
             build_dir.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags + extra,
+            cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=flags + extra,
                                build_directory=str(build_dir), is_python_module=False, verbose=False)
         except Exception as err:  # noqa: BLE001  (no compiler, failed build: try the next, then say why)
             first = (str(err).strip().splitlines() or [""])[0][:300]
