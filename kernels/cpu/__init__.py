@@ -10,7 +10,9 @@ chosen at run time from the CPU's features, or forced with ``LIGHTNING_OVSW_CPU_
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import sysconfig
 import threading
 from collections.abc import Callable
@@ -64,14 +66,33 @@ def load_extension() -> Path | None:
     return _STATE["ext"]
 
 
-def _build() -> Path | None:
-    """Compile (or reuse the cached build) and load; OpenMP threads if the compiler has them, else serial."""
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found" warning on machines
+    without CUDA (these kernels are CPU-only; the line only confuses CPU users)."""
+    if "torch.utils.cpp_extension" not in sys.modules and not torch.cuda.is_available():
+        log = logging.getLogger("torch.utils.cpp_extension")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            from torch.utils import cpp_extension
+        finally:
+            log.setLevel(level)
     from torch.utils import cpp_extension
 
+    return cpp_extension
+
+
+def _build() -> Path | None:
+    """Compile (or reuse the cached build) and load; OpenMP threads if the compiler has them, else serial."""
+    cpp_extension = _cpp_extension()
     flags = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
     errors = []
     for name, extra in (("lightning_ovsw_cpu", ["-fopenmp"]), ("lightning_ovsw_cpu_serial", [])):
         build_dir = _build_dir() / name
+        library = build_dir / f"{name}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
+        if not library.exists():
+            print(f"lightning-ovsw: building the C++ CPU kernels once (about 30 s to 2 min) into {build_dir}; "
+                  "later runs reuse that build.", file=sys.stderr, flush=True)
         try:
             build_dir.mkdir(parents=True, exist_ok=True)
             cpp_extension.load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=flags + extra,
@@ -81,7 +102,7 @@ def _build() -> Path | None:
             errors.append(f"{type(err).__name__}: {first}")
             continue
         _STATE["error"] = None
-        return build_dir / f"{name}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
+        return library
     _STATE["error"] = "; ".join(errors)
     return None
 
