@@ -163,7 +163,7 @@ def test_resume_matches_uninterrupted(tmp_path):
     for name, t in full_cbs[1].trackers.items():
         assert torch.equal(resumed_cbs[1].trackers[name], t)
         assert torch.equal(resumed_cbs[2].flip_counts[name], full_cbs[2].flip_counts[name])
-        assert torch.equal(resumed_cbs[1]._signs.by_name()[name], full_cbs[1]._signs.by_name()[name])
+        assert torch.equal(resumed_cbs[1].coordinator.signs.by_name()[name], full_cbs[1].coordinator.signs.by_name()[name])
 
 
 def test_skipped_amp_step_advances_no_state():
@@ -197,16 +197,20 @@ def test_skipped_amp_step_advances_no_state():
 
 
 def test_flip_monitor_exact_on_hand_built_trajectory():
-    from lightning_ovsw.callbacks._base import FlatStep
-    from lightning_ovsw.callbacks._flat import FlatLayout, SignState
+    from lightning_ovsw.callbacks._coordinator import OvSWCoordinator
 
     w = nn.Parameter(torch.tensor([[1.0, -1.0, 2.0, 0.0]]))
     trajectory = [[1, -1, 2, 0], [-1, -1, 2, -0.0], [1, -1, 2, -1], [1, 1, 2, -2]]
-    monitor = FlipMonitor(histograms=False)
-    monitor._peers, monitor._signs, layout = [monitor], SignState(), FlatLayout([("fc", w)])
+    monitor, coordinator = FlipMonitor(histograms=False), OvSWCoordinator()
+    monitor._coordinator = coordinator
+    coordinator.attach(monitor)
+    coordinator.params, coordinator._names = {"fc": w}, {id(w): "fc"}
+    optimizer = torch.optim.SGD([w], lr=0.0)
+    trainer = type("T", (), {"precision_plugin": None})()
     for values in trajectory:
         w.data = torch.tensor([values], dtype=torch.float32)
-        monitor.run_step(FlatStep(layout, {"fc": w}, None))
+        w.grad = torch.zeros_like(w)
+        coordinator.step(trainer, optimizer)
     # flips per step: [0], [1 (w0)], [1 (w0), 1 (w3)], [1 (w1)]; -0.0 is +1 so step 2 has no w3 flip
     assert monitor.flip_counts["fc"].tolist() == [[2, 1, 0, 1]]
     rates = monitor.rates()

@@ -2,8 +2,8 @@
 
 The OvSW update touches every element of every binary weight once per step. Doing it per layer costs a
 few small kernels per layer (the authors' code: +35% step time). Here the weights and gradients of the
-step are gathered into one flat float32 vector each (one ``torch.cat``), the callback state (SAD tracker,
-previous signs, flip counts) lives in flat buffers of the same layout, AGS and SAD run over the whole
+step are gathered into one flat vector each (float32, or float64 for float64 weights; one ``torch.cat``),
+the state (SAD tracker, previous signs, flip counts) lives in flat buffers of the same layout, AGS and SAD run over the whole
 vector at once, and the updated gradient goes back with one ``torch._foreach_copy_``.
 
 Weights are ordered by row length ``K = numel / out_channels`` so that the rows of all weights with the
@@ -48,6 +48,8 @@ class FlatLayout:
         self.offsets = [sum(self.numels[:i]) for i in range(len(ordered))]
         self.numel = sum(self.numels)
         self.device = ordered[0][1].device
+        # float64 models keep float64 gradients; everything else is gathered in float32
+        self.dtype = torch.float64 if any(w.dtype == torch.float64 for _, w in ordered) else torch.float32
         self.groups: list[tuple[int, int, int, int]] = []
         starts, lengths = [], []
         for (_, w), offset, numel in zip(ordered, self.offsets, self.numels, strict=True):
@@ -65,8 +67,8 @@ class FlatLayout:
         self.row_lengths = torch.tensor(lengths, dtype=torch.int64, device=self.device)
 
     def gather(self, tensors: dict[str, Tensor]) -> Tensor:
-        """One flat float32 vector of ``tensors[name]`` in layout order (a copy)."""
-        return torch.cat([tensors[n].detach().reshape(-1).float() for n in self.names])
+        """One flat vector (``dtype``) of ``tensors[name]`` in layout order (a copy)."""
+        return torch.cat([tensors[n].detach().reshape(-1).to(self.dtype) for n in self.names])
 
     def split(self, flat: Tensor) -> dict[str, Tensor]:
         """Per-weight views of a flat vector (or of an element-aligned buffer), by name."""
@@ -103,6 +105,10 @@ class _PerLayout:
 
     def load(self, state: dict[str, Tensor]) -> None:
         self.saved, self.flats = dict(state), {}
+
+    def drop(self, name: str) -> None:
+        """Forget the saved state of ``name`` (a checkpointed layer the model no longer has)."""
+        self.saved.pop(name, None)
 
 
 class FlatState(_PerLayout):

@@ -20,7 +20,7 @@ from lightning_ovsw.kernels.train_ops import wants_triton
 def ags_scale_(layout: FlatLayout, weights: Tensor, grad: Tensor, delta: float) -> Tensor:
     """Eq. 14 on every filter row of the flat ``grad`` in place; returns ``||G[i]|| / ||W[i]||`` per row
     (with the clamps ``1e-6`` / ``1e-3``), in layout row order."""
-    if wants_triton(grad):
+    if wants_triton(grad) and grad.dtype == torch.float32:  # float64 models take the PyTorch path
         from lightning_ovsw.kernels.triton.ovsw_update import triton_ags_scale_
 
         return triton_ags_scale_(layout, weights, grad, delta)
@@ -64,7 +64,7 @@ def sign_update_(
     ``counts`` for FlipMonitor. Returns the number of silent weights ``[T < threshold]`` (a device scalar,
     zero on a skipped step) when ``tracker`` is given, else None.
     """
-    if wants_triton(weights):
+    if wants_triton(weights) and weights.dtype == torch.float32:
         from lightning_ovsw.kernels.triton.ovsw_update import triton_sign_update_
 
         return triton_sign_update_(weights, bits, skip, grad, tracker, counts, momentum, threshold, penalty)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lightning_ovsw.callbacks._base import FlatStep, OvSWCallback
-from lightning_ovsw.callbacks._update import ags_scale_
+from lightning_ovsw.callbacks._base import OvSWCallback
+from lightning_ovsw.callbacks._coordinator import FlatStep, check_real
 
 
 class AGSCallback(OvSWCallback):
@@ -14,24 +14,21 @@ class AGSCallback(OvSWCallback):
 
     Runs on the true gradient of each optimizer step (see ``callbacks._base``), before SAD and
     before gradient clipping, over all binary weights at once (one kernel on CUDA). Logs
-    ``ags/scaled_fraction`` and ``ags/mean_grad_weight_ratio``.
+    ``ags/scaled_fraction`` (share of filters scaled up) and ``ags/mean_grad_weight_ratio``.
 
     Args:
-        delta: the threshold ``lambda`` (0.04 for the CIFAR-10 recipes, 0.01 for ImageNet).
+        delta: the threshold ``lambda``, finite and > 0 (0.04 for the CIFAR-10 recipes, 0.01 for ImageNet).
     """
 
     order = 0
 
     def __init__(self, delta: float = 0.04) -> None:
         super().__init__()
-        if not delta > 0:
-            raise ValueError(f"AGSCallback(delta={delta}): delta must be > 0 (paper: 0.04 CIFAR, 0.01 ImageNet).")
-        self.delta = float(delta)
+        self.delta = check_real("AGSCallback", "delta", delta, low=0.0, low_open=True)
         self._scaled = self._filters = self._ratio_sum = None
 
     def transform(self, step: FlatStep) -> None:
-        ratio = ags_scale_(step.layout, step.weights, step.grad, self.delta)
-        step.grad_changed = True
+        ratio = self.coordinator.ags_scale_(step, self.delta)
         keep = 1.0 if step.skip is None else (~step.skip).float()
         scaled = (ratio < self.delta).sum().float() * keep
         ratio_sum = ratio.nan_to_num(0.0, 0.0, 0.0).sum() * keep

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ovsw.callbacks._base import FlatStep, OvSWCallback
+from lightning_ovsw.callbacks._base import OvSWCallback
+from lightning_ovsw.callbacks._coordinator import FlatStep, canonical_name, check_real
 from lightning_ovsw.callbacks._flat import FlatState
 
 TRACKER_INITS = ("zeros", "ones")
@@ -26,9 +27,9 @@ class SADCallback(OvSWCallback):
     with FlipMonitor's (one kernel on CUDA). Logs ``sad/penalized_fraction``.
 
     Args:
-        penalty: ``sigma`` (9e-4 CIFAR-10, 2e-5 ImageNet).
-        momentum: ``m`` in [0, 1).
-        threshold: ``tau`` > 0.
+        penalty: ``sigma``, finite and >= 0 (9e-4 CIFAR-10, 2e-5 ImageNet).
+        momentum: ``m`` in [0, 1) (paper: 0.999).
+        threshold: ``tau``, finite and > 0 (paper: 1e-4).
         tracker_init: ``"zeros"`` or ``"ones"``.
     """
 
@@ -39,15 +40,11 @@ class SADCallback(OvSWCallback):
         self, penalty: float = 9e-4, momentum: float = 0.999, threshold: float = 1e-4, tracker_init: str = "zeros"
     ) -> None:
         super().__init__()
-        if penalty < 0:
-            raise ValueError(f"SADCallback(penalty={penalty}): penalty must be >= 0 (paper: 9e-4 CIFAR, 2e-5 ImageNet).")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"SADCallback(momentum={momentum}): momentum must be in [0, 1) (paper: 0.999).")
-        if not threshold > 0:
-            raise ValueError(f"SADCallback(threshold={threshold}): threshold must be > 0 (paper: 1e-4).")
+        self.penalty = check_real("SADCallback", "penalty", penalty, low=0.0)
+        self.momentum = check_real("SADCallback", "momentum", momentum, low=0.0, high=1.0, high_open=True)
+        self.threshold = check_real("SADCallback", "threshold", threshold, low=0.0, low_open=True)
         if tracker_init not in TRACKER_INITS:
             raise ValueError(f"SADCallback(tracker_init={tracker_init!r}): choose one of {TRACKER_INITS}.")
-        self.penalty, self.momentum, self.threshold = float(penalty), float(momentum), float(threshold)
         self.tracker_init = tracker_init
         self._trackers = FlatState(torch.float32, 0.0 if tracker_init == "zeros" else 1.0)
         self._penalized: Tensor | None = None
@@ -77,9 +74,15 @@ class SADCallback(OvSWCallback):
         self._penalized = self._total = None
         return out
 
+    def state_names(self) -> set[str]:
+        return set(self.trackers)
+
+    def drop_state(self, name: str) -> None:
+        self._trackers.drop(name)
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "trackers": self.trackers}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._trackers.load(state_dict["trackers"])
+        self._trackers.load({canonical_name(n): t for n, t in state_dict.get("trackers", {}).items()})
