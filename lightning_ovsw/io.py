@@ -250,8 +250,8 @@ def _read_header(path: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
         prefix = f.read(8)
         if prefix == MAGIC:
             raise _bad(path, "this file has packed-file format 1 (magic OVSWPACK), which this lightning-ovsw "
-                             f"({lightning_ovsw.__version__}) no longer reads: load it with lightning-ovsw 0.1.0's "
-                             "load_packed and save it again with this version's save_packed")
+                             f"({lightning_ovsw.__version__}) no longer reads: load it with the lightning-ovsw release "
+                             "that wrote it and save it again with this version's save_packed")
         if len(prefix) < 8:
             raise _bad(path, f"truncated: {size} bytes, shorter than the 8-byte header length; {_AGAIN}")
         n = int.from_bytes(prefix, "little")
@@ -336,7 +336,8 @@ def read_packed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, A
     The header dict has ``format``, ``version``, ``versions``, ``modules``, ``pack_options``,
     ``float_dtype``, ``metadata`` (the caller's, as saved) and ``checksums``. The prefix, header and
     file size are checked before any tensor byte is read; the tensors are then memory-mapped by
-    safetensors (read once, no copy) and each one is checked against its sha256.
+    safetensors (read once, no copy) and each one is checked against its sha256. They map the file
+    copy-on-write: do not truncate or rewrite it while they are alive (``load_packed`` copies and drops them).
     """
     meta, keys = _read_header(path)
     header = _library_metadata(path, meta, keys)

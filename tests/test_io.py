@@ -207,6 +207,8 @@ def _edit(header: dict, case: str) -> bytes:
         meta["extra"] = "1"
     elif case == "modules is a list":
         meta["modules"] = "[]"
+    elif case == "modules entry not an object":
+        meta["modules"] = '{"conv1": 5}'
     elif case == "pack_options is a list":
         meta["pack_options"] = "[]"
     elif case == "float_dtype unknown":
@@ -246,6 +248,7 @@ MALFORMED = {
     "metadata key missing": "__metadata__ keys missing or unknown: \\['checksums'\\]",
     "metadata key unknown": "__metadata__ keys missing or unknown: \\['extra'\\]",
     "modules is a list": "__metadata__ 'modules' must be an object of layer configurations",
+    "modules entry not an object": "__metadata__ 'modules' must be an object of layer configurations",
     "pack_options is a list": "__metadata__ 'pack_options' must be null or an object",
     "float_dtype unknown": "__metadata__ 'float_dtype' must be null or one of",
     "checksums incomplete": "__metadata__ 'checksums' must be",
