@@ -1,41 +1,52 @@
 """Packed model files: ``save_packed`` / ``load_packed`` (design §3). Nothing is ever unpickled.
 
-File format, version 1 (all integers little-endian)::
+A ``.ovsw`` file (format version 2) is a plain `safetensors <https://github.com/huggingface/safetensors>`_
+file, written by ``safetensors.torch.save_file`` and read through ``safetensors.safe_open``::
 
-    offset 0   8 bytes   magic b"OVSWPACK"
-    offset 8   uint32    format version (1)
-    offset 12  uint64    H, length of the JSON header in bytes
-    offset 20  uint32    CRC-32 of the header bytes
-    offset 24  H bytes   header: UTF-8 JSON object (below)
-    offset 24+H          payload: the raw bytes of every tensor, back to back, C order, little-endian
+    offset 0    uint64 little-endian   N, the length of the JSON header (at most 100 MB)
+    offset 8    N bytes                header: UTF-8 JSON object
+                                         {"__metadata__": {str: str},
+                                          "<state_dict key>": {"dtype": "I32", "shape": [64, 3, 3, 2],
+                                                               "data_offsets": [begin, end]}, ...}
+    offset 8+N                         the tensors' raw bytes, little-endian, C order, back to back
+                                       (offsets relative to 8+N, covering it exactly)
 
-The header holds::
+The tensors are the packed model's ``state_dict``: the bit-packed weights (int32 words), the folded
+``scale`` / ``bias`` of every packed layer, and the parameters and buffers of the full-precision layers.
+``__metadata__`` holds these keys, ``format`` and ``format_version`` as plain strings, the others as
+JSON text:
 
-    {"format": "lightning-ovsw-packed", "version": 1,
-     "tensors": {"<state_dict key>": {"dtype": "int32", "shape": [64, 3, 3, 2], "offset": 0, "nbytes": 1536},
-                 ...},                      # offsets are relative to the payload start
-     "payload_nbytes": int, "payload_sha256": "<hex>",
-     "modules": {"<module name>": {"type": "PackedConv2d", "stride": [1, 1], ...}, ...},
-     "metadata": {...}}                     # free JSON from the caller, plus library and torch versions
+    format          "lightning-ovsw-packed"
+    format_version  "2"
+    versions        {"lightning_ovsw": ..., "torch": ..., "safetensors": ...}, the writer's versions
+    modules         {"<module name>": {"type": "PackedConv2d", "stride": [1, 1], ...}}: each packed
+                    layer's configuration, which tensor shapes alone do not pin down
+    pack_options    the ``pack_model`` options the model was packed with (``null`` if unknown), so that
+                    ``load_packed`` packs a binarized target the same way
+    float_dtype     ``null``, or the dtype the full-precision conv / linear weights were stored in
+    user_metadata   the caller's ``metadata`` (any JSON object), kept apart from the library's keys
+    checksums       {"tensors": {"<key>": sha256 hex of the tensor's bytes}, "metadata": sha256 hex of
+                    the UTF-8 JSON ``[[key, value], ...]`` of the other entries, sorted by key,
+                    separators ``(",", ":")``}
 
-``tensors`` is the packed model's ``state_dict``: the bit-packed weights (int32 words), the folded
-``scale`` / ``bias`` of every packed layer, and the parameters and buffers of the layers kept in full
-precision. ``modules`` records each packed layer's configuration (stride, padding, ...), which tensor
-shapes alone do not pin down, so a file is never loaded into a model that would compute something else.
+The checksums detect corruption (a bad copy, a flipped bit), not tampering: anyone can recompute them.
+Format-1 files (magic ``OVSWPACK``) are refused with a message saying how to convert them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import struct
-import sys
-import zlib
+import stat
 from collections.abc import Mapping
 from typing import Any
 
+import safetensors
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import lightning_ovsw
@@ -43,27 +54,26 @@ from lightning_ovsw.layers import BinaryLayer
 from lightning_ovsw.pack import pack_model
 from lightning_ovsw.packed import PackedConv2d, PackedLinear
 
-MAGIC = b"OVSWPACK"
-FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<8sIQI")
+FORMAT = "lightning-ovsw-packed"
+FORMAT_VERSION = 2
+MAGIC = b"OVSWPACK"  # the first 8 bytes of a format-1 file, which this version refuses
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+_AGAIN = "copy it again, or re-create it with save_packed"
 _DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float64, torch.float32, torch.float16, torch.bfloat16,
-        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-    )
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
+_FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_METADATA_KEYS = (
+    "format", "format_version", "versions", "modules", "pack_options", "float_dtype", "user_metadata", "checksums",
+)
 _MODULE_FIELDS = {
     PackedConv2d: (
         "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "pad_value",
     ),
     PackedLinear: ("in_features", "out_features", "bn_folded"),
 }
-
-
-def _check_little_endian() -> None:
-    if sys.byteorder != "little":
-        raise RuntimeError("packed model files are little-endian; this big-endian platform is not supported.")
 
 
 def _module_configs(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -87,6 +97,22 @@ def _float_layer_keys(model: nn.Module) -> set[str]:
     return keys
 
 
+def _is_scalar(value: Any) -> bool:
+    """A JSON scalar that round-trips exactly (finite numbers only)."""
+    return value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _tensor_sha256(t: Tensor) -> str:
+    """sha256 of a contiguous CPU tensor's bytes, hashed in place (no copy)."""
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def _metadata_sha256(meta: Mapping[str, str]) -> str:
+    """sha256 of every ``__metadata__`` entry but ``checksums`` (see the module docstring)."""
+    items = sorted([k, v] for k, v in meta.items() if k != "checksums")
+    return hashlib.sha256(json.dumps(items, separators=(",", ":")).encode()).hexdigest()
+
+
 def save_packed(
     model: nn.Module,
     path: str | os.PathLike,
@@ -97,13 +123,13 @@ def save_packed(
     """Write a packed model (from ``pack_model``) to ``path``; return the file size in bytes.
 
     Args:
-        metadata: JSON-serializable extra information stored in the header (e.g. the architecture name).
+        metadata: JSON-serializable extra information (e.g. the architecture name), stored as it is
+            under its own key: it can neither overwrite nor be overwritten by the library's entries.
         float_dtype: store the weights of the layers kept in full precision (first conv, classifier,
             float shortcuts) as ``torch.float16`` / ``torch.bfloat16`` to shrink the file (lossy; they
             are cast back to the target model's dtype on load). Norm layers and the packed layers'
             folded constants are always stored as they are.
     """
-    _check_little_endian()
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_packed expects an nn.Module, got {type(model).__name__}.")
     configs = _module_configs(model)
@@ -111,118 +137,218 @@ def save_packed(
         raise ValueError(
             "save_packed expects a packed model; call lightning_ovsw.pack.pack_model(model) first."
         )
-    if float_dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
+    if float_dtype not in (None, *_FLOAT_DTYPES.values()):
         raise ValueError(
             f"float_dtype must be None, torch.float16, torch.bfloat16 or torch.float32, got {float_dtype}."
         )
+    options = getattr(model, "pack_options", None)
+    if options is not None and not (
+        isinstance(options, dict) and all(isinstance(k, str) and _is_scalar(v) for k, v in options.items())
+    ):
+        raise ValueError(f"the model's pack_options must be a dict of JSON scalars, got {options!r}.")
     try:
-        meta = json.loads(json.dumps(dict(metadata or {})))
-    except TypeError as err:
+        user = json.dumps(dict(metadata or {}), allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as err:
         raise ValueError(f"metadata must be JSON-serializable: {err}") from None
-    meta |= {"lightning_ovsw": lightning_ovsw.__version__, "torch": torch.__version__}
-    shrink = _float_layer_keys(model) if float_dtype is not None else set()
 
-    tensors: dict[str, dict[str, Any]] = {}
-    chunks: list[bytes] = []
-    offset = 0
+    shrink = _float_layer_keys(model) if float_dtype is not None else set()
+    tensors: dict[str, Tensor] = {}
+    storages: set[int] = set()
     for key, t in model.state_dict().items():
         t = t.detach().cpu()
         if key in shrink and t.is_floating_point():
             t = t.to(float_dtype)
-        data = bytes(t.reshape(-1).clone().view(torch.uint8).untyped_storage()) if t.numel() else b""
-        dtype = str(t.dtype).removeprefix("torch.")
-        if dtype not in _DTYPES:
+        if t.dtype not in _DTYPES.values():
             raise ValueError(f"tensor {key!r} has dtype {t.dtype}, which packed model files do not support.")
-        tensors[key] = {"dtype": dtype, "shape": list(t.shape), "offset": offset, "nbytes": len(data)}
-        chunks.append(data)
-        offset += len(data)
-    payload = b"".join(chunks)
-    header = json.dumps(
-        {
-            "format": "lightning-ovsw-packed",
-            "version": FORMAT_VERSION,
-            "tensors": tensors,
-            "payload_nbytes": len(payload),
-            "payload_sha256": hashlib.sha256(payload).hexdigest(),
-            "modules": configs,
-            "metadata": meta,
-        },
-        separators=(",", ":"),
-    ).encode()
-    with open(path, "wb") as f:
-        f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header)))
-        f.write(header)
-        f.write(payload)
-    return _PREFIX.size + len(header) + len(payload)
+        t = t.contiguous()
+        if t.numel():
+            if t.untyped_storage().data_ptr() in storages:  # tied weights: safetensors wants one copy each
+                t = t.clone()
+            storages.add(t.untyped_storage().data_ptr())
+        tensors[key] = t
+    versions = {"lightning_ovsw": lightning_ovsw.__version__, "torch": torch.__version__,
+                "safetensors": safetensors.__version__}
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "versions": json.dumps(versions),
+        "modules": json.dumps(configs, separators=(",", ":")),
+        "pack_options": json.dumps(options),
+        "float_dtype": json.dumps(str(float_dtype).removeprefix("torch.") if float_dtype else None),
+        "user_metadata": user,
+    }
+    digests = {key: _tensor_sha256(t) for key, t in tensors.items()}
+    meta["checksums"] = json.dumps({"tensors": digests, "metadata": _metadata_sha256(meta)}, separators=(",", ":"))
+    save_file(tensors, path, metadata=meta)
+    return os.path.getsize(path)
 
 
-def _corrupt(path: str | os.PathLike, why: str) -> ValueError:
-    return ValueError(f"{os.fspath(path)} is corrupted ({why}); re-create it with save_packed.")
+def _bad(path: str | os.PathLike, what: str) -> ValueError:
+    return ValueError(f"{os.fspath(path)}: {what}")
 
 
-def _truncated(path: str | os.PathLike, why: str) -> ValueError:
-    return ValueError(
-        f"{os.fspath(path)} is truncated ({why}); the copy or download was incomplete: copy it again "
-        "or re-create it with save_packed."
+def _strict_json(path: str | os.PathLike, field: str, text: str) -> Any:
+    """Parse ``text`` as strict JSON (no NaN / Infinity, no duplicate keys); errors name ``field``."""
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            dup = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
+            raise ValueError(f"duplicate key {dup!r}")
+        return out
+
+    try:
+        return json.loads(text, parse_constant=no_constants, object_pairs_hook=no_duplicates)
+    except RecursionError:
+        raise _bad(path, f"{field} is JSON nested too deeply to parse") from None
+    except ValueError as err:
+        raise _bad(path, f"{field} is not valid JSON: {err}") from None
+
+
+def _check_tensor_entry(path: str | os.PathLike, key: str, entry: Any) -> tuple[int, int]:
+    """Validate one header entry against the safetensors rules; return its ``(begin, end)``."""
+    field = f"header entry {key!r}"
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise _bad(path, f"{field} must be an object with exactly 'dtype', 'shape' and 'data_offsets', got {entry!r:.200}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in _DTYPES:
+        raise _bad(path, f"{field}: dtype {dtype!r:.50} is not one of {sorted(_DTYPES)}")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise _bad(path, f"{field}: shape must be a list of non-negative integers, got {shape!r:.200}")
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise _bad(path, f"{field}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r:.200}")
+    need = math.prod(shape) * _DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != need:
+        raise _bad(path, f"{field}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, dtype {dtype} "
+                         f"and shape {shape} need {need}")
+    return offsets[0], offsets[1]
+
+
+def _read_header(path: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
+    """Check the file's prefix, header and size before any tensor is read: ``(__metadata__, tensor keys)``.
+
+    The file is opened without blocking and must be a regular file (not a FIFO, device or directory).
+    """
+    name = os.fspath(path)
+    fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise _bad(path, f"not a regular file ({kind}); a packed model file is a regular .ovsw file")
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if prefix == MAGIC:
+            raise _bad(path, "this file has packed-file format 1 (magic OVSWPACK), which this lightning-ovsw "
+                             f"({lightning_ovsw.__version__}) no longer reads: load it with the lightning-ovsw release "
+                             "that wrote it and save it again with this version's save_packed")
+        if len(prefix) < 8:
+            raise _bad(path, f"truncated: {size} bytes, shorter than the 8-byte header length; {_AGAIN}")
+        n = int.from_bytes(prefix, "little")
+        if n > MAX_HEADER_BYTES or n < 2:
+            raise _bad(path, f"the 8-byte header length says {n} bytes, outside 2..{MAX_HEADER_BYTES}: not a "
+                             "lightning-ovsw packed model (safetensors) file, or a corrupted one")
+        if 8 + n > size:
+            raise _bad(path, f"truncated: the header needs {n} bytes, only {size - 8} present; {_AGAIN}")
+        raw = f.read(n)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _bad(path, f"header is not valid UTF-8 (byte {err.start}): not a packed model file, or corrupted") from None
+    header = _strict_json(path, "header", text)
+    if not isinstance(header, dict):
+        raise _bad(path, f"header must be a JSON object, got {type(header).__name__}")
+    meta = header.pop("__metadata__", None)
+    if not (isinstance(meta, dict) and meta.get("format") == FORMAT):
+        raise _bad(path, f"not a lightning-ovsw packed model file (no __metadata__ with format {FORMAT!r}); "
+                         "write one with lightning_ovsw.io.save_packed")
+    for key, value in meta.items():
+        if not isinstance(value, str):
+            raise _bad(path, f"__metadata__ {key!r} must be a string, got {type(value).__name__}")
+    spans = sorted((_check_tensor_entry(path, key, entry), key) for key, entry in header.items())
+    end = 0
+    for (begin, stop), key in spans:
+        if begin != end:
+            raise _bad(path, f"header entry {key!r}: data_offsets [{begin}, {stop}] "
+                             f"{'overlap the previous tensor' if begin < end else 'leave a gap'} (expected to start at {end})")
+        end = stop
+    if 8 + n + end != size:
+        what = "truncated" if 8 + n + end > size else f"{size - 8 - n - end} trailing bytes after the tensors"
+        raise _bad(path, f"{what}: the header declares {8 + n + end} bytes, the file has {size}; {_AGAIN}")
+    return meta, [key for _, key in spans]
+
+
+def _library_metadata(path: str | os.PathLike, meta: dict[str, str], keys: list[str]) -> dict[str, Any]:
+    """Validate the library's ``__metadata__`` entries (each error names its entry) and parse them."""
+    version = meta.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise _bad(path, f"uses packed-file format version {version!r:.20}; this lightning-ovsw "
+                         f"({lightning_ovsw.__version__}) reads version {FORMAT_VERSION}. Install the version "
+                         "that wrote it, or re-save the model with this one")
+    if set(meta) != set(_METADATA_KEYS):
+        odd = sorted(set(meta) ^ set(_METADATA_KEYS))
+        raise _bad(path, f"__metadata__ keys missing or unknown: {odd}")
+    parsed = {k: _strict_json(path, f"__metadata__ {k!r}", meta[k]) for k in _METADATA_KEYS[2:]}
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise _bad(path, f"__metadata__ {key!r} must be {what}, got {parsed[key]!r:.200}")
+
+    versions, modules, options = parsed["versions"], parsed["modules"], parsed["pack_options"]
+    need(isinstance(versions, dict) and all(isinstance(v, str) for v in versions.values()), "versions",
+         "an object of version strings")
+    need(isinstance(modules, dict) and all(isinstance(v, dict) for v in modules.values()), "modules",
+         "an object of layer configurations")
+    need(options is None or (isinstance(options, dict) and all(_is_scalar(v) for v in options.values())),
+         "pack_options", "null or an object of JSON scalars")
+    need(parsed["float_dtype"] is None or parsed["float_dtype"] in _FLOAT_DTYPES, "float_dtype",
+         f"null or one of {sorted(_FLOAT_DTYPES)}")
+    need(isinstance(parsed["user_metadata"], dict), "user_metadata", "an object")
+    sums = parsed["checksums"]
+    need(
+        isinstance(sums, dict) and set(sums) == {"tensors", "metadata"} and isinstance(sums["tensors"], dict)
+        and sorted(sums["tensors"]) == sorted(keys)
+        and all(isinstance(h, str) and len(h) == 64 for h in (*sums["tensors"].values(), sums["metadata"])),
+        "checksums", "{'tensors': {key: sha256 hex} for every tensor, 'metadata': sha256 hex}",
     )
+    if _metadata_sha256(meta) != sums["metadata"]:
+        raise _bad(path, f"checksum mismatch for __metadata__: the file is corrupted; {_AGAIN}")
+    return {
+        "format": FORMAT, "version": FORMAT_VERSION, "versions": versions, "modules": modules,
+        "pack_options": options, "float_dtype": parsed["float_dtype"], "metadata": parsed["user_metadata"],
+        "checksums": sums["tensors"],
+    }
 
 
 def read_packed(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read and verify a packed model file: ``(state tensors, header)``. Raises ``ValueError`` if bad."""
-    _check_little_endian()
-    with open(path, "rb") as f:
-        blob = f.read()
-    if blob[: len(MAGIC)] != MAGIC[: len(blob)]:
-        raise ValueError(
-            f"{os.fspath(path)} is not a lightning-ovsw packed model file (wrong magic bytes); "
-            "write one with lightning_ovsw.io.save_packed."
-        )
-    if len(blob) < _PREFIX.size:
-        raise _truncated(path, f"{len(blob)} bytes, shorter than the {_PREFIX.size}-byte prefix")
-    _, version, header_len, header_crc = _PREFIX.unpack_from(blob)
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{os.fspath(path)} uses packed-file format version {version}; this lightning-ovsw "
-            f"({lightning_ovsw.__version__}) reads version {FORMAT_VERSION}. Install the lightning-ovsw "
-            "version that wrote it, or re-save the model with this one."
-        )
-    start = _PREFIX.size + header_len
-    if len(blob) < start:
-        got = len(blob) - _PREFIX.size
-        raise _truncated(path, f"the header needs {header_len} bytes, only {got} present")
-    header_bytes = blob[_PREFIX.size : start]
-    if zlib.crc32(header_bytes) != header_crc:
-        raise _corrupt(path, "header checksum mismatch")
+    """Read and verify a packed model file: ``(state tensors, header)``; raises ``ValueError`` if bad.
+
+    The header dict has ``format``, ``version``, ``versions``, ``modules``, ``pack_options``,
+    ``float_dtype``, ``metadata`` (the caller's, as saved) and ``checksums``. The prefix, header and
+    file size are checked before any tensor byte is read; the tensors are then memory-mapped by
+    safetensors (read once, no copy) and each one is checked against its sha256. They map the file
+    copy-on-write: do not truncate or rewrite it while they are alive (``load_packed`` copies and drops them).
+    """
+    meta, keys = _read_header(path)
+    header = _library_metadata(path, meta, keys)
     try:
-        header = json.loads(header_bytes)
-        tensors_info = header["tensors"]
-        payload_nbytes = int(header["payload_nbytes"])
-        payload_sha = header["payload_sha256"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise _corrupt(path, f"unreadable header: {err}") from None
-    payload = blob[start:]
-    if len(payload) < payload_nbytes:
-        raise _truncated(path, f"payload has {len(payload)} of {payload_nbytes} bytes")
-    if len(payload) > payload_nbytes:
-        raise _corrupt(path, f"{len(payload) - payload_nbytes} unexpected bytes after the payload")
-    if hashlib.sha256(payload).hexdigest() != payload_sha:
-        raise _corrupt(path, "payload checksum mismatch")
-    tensors = {}
-    for key, info in tensors_info.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            lo, n = int(info["offset"]), int(info["nbytes"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise _corrupt(path, f"bad entry for tensor {key!r}: {err}") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if lo < 0 or lo + n > payload_nbytes or n != numel * dtype.itemsize:
-            raise _corrupt(path, f"tensor {key!r} does not fit the payload")
-        raw = bytearray(payload[lo : lo + n])
-        flat = torch.frombuffer(raw, dtype=dtype) if n else torch.empty(0, dtype=dtype)
-        tensors[key] = flat.reshape(shape)
+        with safe_open(os.fspath(path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in keys}
+    except SafetensorError as err:
+        raise _bad(path, f"safetensors refused the file: {err}") from None
+    for key, t in tensors.items():
+        if _tensor_sha256(t) != header["checksums"][key]:
+            raise _bad(path, f"checksum mismatch for tensor {key!r}: the file is corrupted; {_AGAIN}")
     return tensors, header
 
 
@@ -235,20 +361,30 @@ def _mismatch(path: str | os.PathLike, problems: list[str]) -> ValueError:
 
 
 def _problems(tensors: Mapping[str, Tensor], header: Mapping[str, Any], model: nn.Module) -> list[str]:
-    state = model.state_dict()
-    problems = [f"missing key {k!r}" for k in state if k not in tensors]
+    """Every difference between the file and ``model``: pack options (first: they explain the rest), keys,
+    shapes, dtypes, layer configurations."""
+    state, options = model.state_dict(), getattr(model, "pack_options", None)
+    problems = []
+    if header["pack_options"] is not None and options is not None and header["pack_options"] != options:
+        problems.append(f"pack options are {header['pack_options']} in the file, {options} in the model")
+    problems += [f"missing key {k!r}" for k in state if k not in tensors]
     problems += [f"unexpected key {k!r}" for k in tensors if k not in state]
-    problems += [
-        f"{k!r} has shape {list(tensors[k].shape)} in the file, {list(state[k].shape)} in the model"
-        for k in state
-        if k in tensors and tensors[k].shape != state[k].shape
-    ]
-    saved, target = header.get("modules", {}), _module_configs(model)
+    shrunk = _FLOAT_DTYPES.get(header["float_dtype"])
+    float_keys = _float_layer_keys(model) if shrunk is not None else set()
+    for k in state.keys() & tensors.keys():
+        got, want = tensors[k], state[k]
+        if got.shape != want.shape:
+            problems.append(f"{k!r} has shape {list(got.shape)} in the file, {list(want.shape)} in the model")
+        stored_smaller = k in float_keys and want.is_floating_point() and got.dtype == shrunk
+        if got.dtype != want.dtype and not stored_smaller:
+            problems.append(f"{k!r} has dtype {got.dtype} in the file, {want.dtype} in the model")
+    saved, target = header["modules"], _module_configs(model)
     problems += [
         f"layer {name!r} is {saved.get(name)} in the file, {cfg} in the model"
         for name, cfg in target.items()
         if saved.get(name) != cfg
     ]
+    problems += [f"layer {name!r} is in the file, not a packed layer in the model" for name in saved.keys() - target.keys()]
     return problems
 
 
@@ -256,8 +392,8 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Load a file written by ``save_packed`` into ``model`` and return the packed model (eval mode).
 
     ``model`` is the architecture the file was saved from: either already packed (loaded in place), or
-    the binarized float model (e.g. ``binarize_model(resnet18())``), which is packed first (a new
-    module; ``model`` itself is untouched), with or without BatchNorm folding, as the file says.
+    the binarized float model (e.g. ``binarize_model(resnet18())``), which is packed first with the
+    ``pack_model`` options recorded in the file (a new module; ``model`` itself is untouched).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -265,19 +401,22 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         )
     tensors, header = read_packed(path)
     if _module_configs(model):
-        target, problems = model, _problems(tensors, header, model)
+        target = model
     elif any(isinstance(m, BinaryLayer) for m in model.modules()):
-        target = pack_model(model)
-        problems = _problems(tensors, header, target)
-        if problems:  # saved without BatchNorm folding?
-            unfolded = pack_model(model, fold_batchnorm=False)
-            if not _problems(tensors, header, unfolded):
-                target, problems = unfolded, []
+        options = header["pack_options"]
+        if options is None:
+            raise _bad(path, "the file records no pack_model options, so a binarized model cannot be packed "
+                             "like the saved one; pass the packed model instead")
+        try:
+            target = pack_model(model, **options)
+        except TypeError as err:
+            raise _bad(path, f"pack_options {options} are not accepted by this pack_model: {err}") from None
     else:
         raise ValueError(
             "load_packed needs the model's architecture with binary layers (binarize_model(...)) or a packed "
             "model; the given model has neither."
         )
+    problems = _problems(tensors, header, target)
     if problems:
         raise _mismatch(path, problems)
     with torch.no_grad():

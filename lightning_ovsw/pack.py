@@ -193,7 +193,8 @@ def pack_model(
         inplace: modify ``model`` itself instead of a deep copy.
 
     The result equals ``model.eval()`` up to the rounding of the float epilogue: the integer
-    accumulations are exact.
+    accumulations are exact. It records the fold and fuse options in its ``pack_options`` dict, which
+    ``save_packed`` stores so that ``load_packed`` packs a target the same way.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"pack_model expects an nn.Module, got {type(model).__name__}.")
@@ -206,10 +207,11 @@ def pack_model(
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    if isinstance(model, BinaryConv2d):
-        return PackedConv2d.from_binary(model)
-    if isinstance(model, BinaryLinear):
-        return PackedLinear.from_binary(model)
+    options = {"fold_batchnorm": fold_batchnorm, "fuse_residual": fuse_residual, "fuse_activation": fuse_activation}
+    if isinstance(model, (BinaryConv2d, BinaryLinear)):
+        packed = (PackedConv2d if isinstance(model, BinaryConv2d) else PackedLinear).from_binary(model)
+        packed.pack_options = options
+        return packed
     pairs: dict[str, str] = {}
     traceable = True
     if fold_batchnorm or fuse_residual or fuse_activation:
@@ -240,4 +242,6 @@ def pack_model(
         _set_submodule(model, name, fuse_conv_bn_eval(modules[name], modules[bn_name]))
         _set_submodule(model, bn_name, nn.Identity())
     fuse = (fuse_residual or fuse_activation) and traceable
-    return _fuse_epilogues(model, fuse_residual, fuse_activation) if fuse else model
+    packed = _fuse_epilogues(model, fuse_residual, fuse_activation) if fuse else model
+    packed.pack_options = options
+    return packed
