@@ -50,7 +50,7 @@ def run(argv: list[str] | None = None) -> float:
     model = binarize_model(small_cnn())
     module = ClassificationModule(model, lr=0.05, weight_decay=5e-4, warmup_epochs=0.5)
     data = SyntheticDataModule(num_train=args.num_train, num_val=1000, batch_size=128, noise=args.noise)
-    logger = TensorBoardLogger(args.log_dir, name="demo")
+    logger = TensorBoardLogger(args.log_dir, name="demo", default_hp_metric=False)
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", logger=logger, log_every_n_steps=10,
         callbacks=[AGSCallback(delta=0.04), SADCallback(penalty=9e-4), FlipMonitor()],
