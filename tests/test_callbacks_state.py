@@ -132,23 +132,27 @@ def test_renamed_and_frozen_layers_are_named_in_one_warning(tmp_path):
 
 
 def test_layer_added_mid_run_is_tracked_from_its_first_step():
+    """A new binary head built after fit start (and given to the optimizer) is scaled, penalised and counted."""
+
     class Grows(Module):
+        def forward(self, x):
+            out = self.model(x)
+            return self.extra(out) if hasattr(self, "extra") else out
+
         def training_step(self, batch, i):
             opt = self.optimizers()
             if i == 2:
-                opt.add_param_group({"params": list(self.model[7].parameters())})
+                self.extra = BinaryLinear(5, 5)
+                opt.add_param_group({"params": list(self.extra.parameters())})
             x, y = batch
             opt.zero_grad()
-            self.manual_backward(F.cross_entropy(self.model(x), y))
+            self.manual_backward(F.cross_entropy(self(x), y))
             opt.step()
-
-        def configure_optimizers(self):
-            head = {id(p) for p in self.model[7].parameters()}
-            return torch.optim.SGD([p for p in self.parameters() if id(p) not in head], lr=1.0)
 
     sad, monitor = SADCallback(SIGMA, M, TAU), FlipMonitor(histograms=False)
     trainer([sad, monitor], max_steps=8).fit(Grows(make_model(), manual=True), DataLoader(make_data(64), batch_size=8))
-    assert "model.7" in sad.trackers and sad.trackers["model.7"].shape == (32, 256)
+    assert "extra" in sad.trackers and sad.trackers["extra"].shape == (5, 5)
+    assert "extra" in monitor.flip_counts
 
 
 def test_two_optimizers_rates_per_owning_optimizer():

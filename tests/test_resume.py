@@ -40,6 +40,20 @@ def cifar(tmp: Path):
     return lambda: CIFAR10DataModule(str(ARCHIVE), batch_size=32, limit=160, cache_dir=str(tmp / "cache"), seed=5)
 
 
+SILENT_EPOCH: dict[str, dict[int, float]] = {}
+
+
+class SilentEpochProbe(pl.Callback):
+    """Keeps ``flips/silent_epoch/all`` of every epoch end, as a user's ModelCheckpoint would see it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        SILENT_EPOCH.setdefault(self.name, {})[trainer.current_epoch] = float(
+            trainer.callback_metrics["flips/silent_epoch/all"])
+
+
 def run(tmp_path: Path, name: str, data, ckpt: Path | None = None) -> dict:
     """Fit 3 epochs of 5 steps (or continue from ``ckpt``) and return the final checkpoint, read back from disk.
 
@@ -54,7 +68,8 @@ def run(tmp_path: Path, name: str, data, ckpt: Path | None = None) -> dict:
     trainer = pl.Trainer(
         max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, deterministic=True, callbacks=[
-            AGSCallback(0.04), SADCallback(9e-4), FlipMonitor(histograms=False), *(saves if ckpt is None else []),
+            AGSCallback(0.04), SADCallback(9e-4), FlipMonitor(histograms=False), SilentEpochProbe(name),
+            *(saves if ckpt is None else []),
         ],
     )
     trainer.fit(module, datamodule=data(), ckpt_path=ckpt)
@@ -94,6 +109,8 @@ def test_resume_with_synthetic_data_is_exact(tmp_path, start):
     resumed = run(tmp_path, "resumed", synthetic, ckpt=tmp_path / f"{start}.ckpt")
     assert full["global_step"] == 15
     assert_same_run(resumed, full)
+    # the epoch the run resumed in reports the same silent share (its epoch-start counts were checkpointed)
+    assert SILENT_EPOCH["resumed"] == {e: v for e, v in SILENT_EPOCH["full"].items() if e >= 1}  # epochs 1, 2
 
 
 @pytest.mark.skipif(not ARCHIVE.exists(), reason=f"real CIFAR-10 archive not at {ARCHIVE}")
