@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -68,8 +69,28 @@ def read_accuracy(directory: Path) -> dict[str, float | int]:
     events.Reload()
     accs = events.Scalars("val/acc1")
     epochs = events.Scalars("epoch") if "epoch" in events.Tags()["scalars"] else []
-    return {"final": 100 * accs[-1].value, "best": 100 * max(a.value for a in accs),
+    curve = [round(100 * a.value, 2) for a in accs]  # one validation per epoch: top-1 after epoch 1, 2, ...
+    return {"final": curve[-1], "best": max(curve), "per_epoch": curve,
             "epochs": int(max(e.value for e in epochs)) + 1 if epochs else len(accs)}
+
+
+def plot_curves(rows: dict, out: Path, title: str) -> str:
+    """Top-1 after every epoch, one line per (variant, seed); returns the PNG's file name."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    for variant, r in rows.items():
+        for seed, run in r["per_seed"].items():
+            curve = run["per_epoch"]
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", label=f"{variant} (seed {seed})")
+    ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out.with_name(out.name + "_curves.png")
+    fig.savefig(path)
+    return path.name
 
 
 def main() -> None:
@@ -121,7 +142,10 @@ def main() -> None:
 
     rows = {}
     for variant in args.variants:
-        per_seed = {s: read_accuracy(run_dir(args.runs, args.model, variant, s)) for s in args.seeds}
+        per_seed = {s: read_accuracy(run_dir(args.runs, args.model, variant, s)) for s in args.seeds
+                    if (run_dir(args.runs, args.model, variant, s) / "tb" / "version_0").is_dir()}
+        if not per_seed:
+            continue
         finals = [r["final"] for r in per_seed.values()]
         rows[variant] = {
             "per_seed": per_seed, "mean": statistics.mean(finals),
@@ -137,13 +161,20 @@ def main() -> None:
         first = args.seeds[0]
         vanilla, ovsw = (next(run_dir(args.runs, args.model, v, first).glob("**/last.ckpt")) for v in ("vanilla", "AGS+SAD"))
         flips = flip_analysis.main(["--vanilla", str(vanilla), "--ovsw", str(ovsw), "--out", f"{args.out}_flips"])
+        loaded = {"vanilla": flip_analysis.load_flips(vanilla), "ovsw": flip_analysis.load_flips(ovsw)}
+        flips["all_layers"] = {  # never-flipped share of every binary layer, both runs
+            name: {run: flip_analysis.never_flipped_share(data[name][0]) for run, data in loaded.items()}
+            for name in loaded["vanilla"]
+        }
+    curves = plot_curves(rows, args.out, f"CIFAR-10 {args.model} 1W1A, {args.epochs} of {args.schedule_epochs:g} epochs")
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
     record = {
         "benchmark": "accuracy", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "command": " ".join(["python", *sys.argv]), "device": device, "torch": torch.__version__,
         "model": args.model, "epochs": args.epochs, "schedule_epochs": args.schedule_epochs,
-        "wall_s": wall, "results": rows, "flip_analysis": flips,
+        "wall_s": wall, "results": rows, "flip_analysis": flips, "curves_png": curves,
+        "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
     }
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2))
     lines = [
@@ -161,10 +192,19 @@ def main() -> None:
         paper = f"{r['paper_600_epochs']:.1f}" if r["paper_600_epochs"] else "—"
         spread = f" ± {r['std']:.2f}" if r["std"] is not None else " (one seed)"
         lines.append(f"| {variant} | {r['epochs']} | {r['mean']:.2f}{spread} | {seeds} | {paper} |")
+    epochs_done = max(len(v["per_epoch"]) for r in rows.values() for v in r["per_seed"].values())
+    lines += ["", f"Top-1 after each epoch (`{curves}`):", "",
+              "| variant | seed | " + " | ".join(str(e) for e in range(1, epochs_done + 1)) + " |",
+              "| --- | --- |" + " --- |" * epochs_done]
+    for variant, r in rows.items():
+        for seed, v in r["per_seed"].items():
+            lines.append(f"| {variant} | {seed} | " + " | ".join(f"{a:.2f}" for a in v["per_epoch"]) + " |")
     if flips:
         shares = ", ".join(f"{k} {100 * v['never_flipped_share']:.1f}%" for k, v in flips["runs"].items())
         lines += ["", f"Never-flipped share of `{flips['runs']['vanilla']['layer']}` (seed {args.seeds[0]}): {shares}; "
-                  f"flip count vs |W|: `{flips['picture']['file']}` (left vanilla, right OvSW)."]
+                  f"flip count vs |W|: `{flips['picture']['file']}` (left vanilla, right OvSW).", "",
+                  "| binary layer | never flipped, vanilla | never flipped, AGS+SAD |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {100 * v['vanilla']:.1f}% | {100 * v['ovsw']:.1f}% |" for name, v in flips["all_layers"].items()]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
