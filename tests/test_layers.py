@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_ovsw import BinaryConv2d, BinaryLinear, binary_sign
+from lightning_ovsw import BinaryConv2d, BinaryLinear, BinaryOptions, binary_sign
 
 
 def sign64(x):
@@ -73,7 +73,7 @@ def test_clipped_ste_weight_and_learnable_scale():
     float_layer = torch.nn.Linear(4, 2, bias=False, dtype=torch.float64)
     with torch.no_grad():
         float_layer.weight.copy_(torch.tensor([[0.5, -2.0, 0.1, 1.0], [-0.3, 0.2, 3.0, -0.9]]))
-    layer = BinaryLinear.from_float(float_layer, weight_estimator="clipped_ste", scale="learnable")
+    layer = BinaryLinear.from_float(float_layer, BinaryOptions(weight_estimator="clipped_ste", scale="learnable"))
     torch.testing.assert_close(layer.alpha.detach(), layer.weight.detach().abs().mean(1))
     x = torch.randn(3, 4, dtype=torch.float64)
     layer.eval()(x).sum().backward()
