@@ -44,14 +44,15 @@ _SIGN_KEEPING_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.Flatten, nn.Unflatten, nn.Identity, nn.ZeroPad2d, nn.ChannelShuffle, nn.Upsample, nn.PixelShuffle,
-    nn.modules.dropout._DropoutNd,
+    nn.modules.dropout._DropoutNd, nn.Hardtanh, nn.Tanh, nn.LeakyReLU, nn.ELU,  # f(x) >= 0 iff x >= 0
 )
 _SIGN_KEEPING_FUNCTIONS = (
     torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.chunk,
     torch.split, torch.cat, torch.concat, torch.stack, operator.getitem, F.max_pool1d, F.max_pool2d, F.max_pool3d,
     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, F.dropout2d, F.interpolate,
-    torch.mean, operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul,
+    F.hardtanh, torch.tanh, F.leaky_relu, torch.mean, operator.add, operator.iadd, torch.add, operator.mul, operator.imul,
+    torch.mul,
 )
 _SIGN_KEEPING_METHODS = (
     "view", "reshape", "flatten", "transpose", "permute", "contiguous", "chunk", "split", "squeeze",
@@ -112,12 +113,13 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node] | None:
 
 
 class _NonNegativeAnalysis:
-    """For a node of the traced graph: the set of non-negative activation nodes its value comes from, if
-    it can never be negative (else None). ``ignore`` holds sources that no longer count (replaced ones)."""
+    """For a node of the traced graph: the set of never-negative activation nodes its value comes from, if
+    it can never be negative (else None). Nodes for which ``replaced`` is true count as the Hardtanh that
+    will replace them: sign-keeping, not sources."""
 
-    def __init__(self, modules: dict[str, nn.Module], ignore: frozenset[fx.Node] = frozenset()) -> None:
+    def __init__(self, modules: dict[str, nn.Module], replaced: Callable[[fx.Node], bool]) -> None:
         self.modules = modules
-        self.ignore = ignore
+        self.replaced = replaced
         self.memo: dict[fx.Node, frozenset[fx.Node] | None] = {}
 
     def sources(self, node: fx.Node) -> frozenset[fx.Node] | None:
@@ -126,11 +128,14 @@ class _NonNegativeAnalysis:
         return self.memo[node]
 
     def _sources(self, node: fx.Node) -> frozenset[fx.Node] | None:
-        if _is_source(node, self.modules):
-            return None if node in self.ignore else frozenset([node])
-        if not _keeps_sign(node, self.modules):
+        if self.replaced(node):
+            inputs = [a for a in node.args[:1] if isinstance(a, fx.Node)]
+        elif _is_source(node, self.modules):
+            return frozenset([node])
+        elif _keeps_sign(node, self.modules):
+            inputs = _tensor_inputs(node)
+        else:
             return None
-        inputs = _tensor_inputs(node)
         if not inputs:
             return None
         found: set[fx.Node] = set()
@@ -237,11 +242,14 @@ def _hardtanh_for(m: nn.Module) -> nn.Hardtanh:
     return nn.Hardtanh(inplace=bool(getattr(m, "inplace", False)))
 
 
-def _retrace_without_relu(owner: nn.Module, leaves: set[int]) -> fx.GraphModule:
-    """``owner`` as a GraphModule whose own ReLU calls (``F.relu``, ``x.relu()``...) are ``F.hardtanh``."""
+def _retrace_without_relu(owner: nn.Module, leaves: set[int], owners: set[int]) -> fx.GraphModule:
+    """``owner`` as a GraphModule in which the ReLU calls (``F.relu``, ``x.relu()``...) made by the forward of
+    a module in ``owners`` (by id: ``owner`` itself or submodules the trace inlines) are ``F.hardtanh``."""
     graph = _Tracer(leaves).trace(owner)
     for node in list(graph.nodes):
-        if node.op == "call_module" or node.meta.get("nn_module_stack") or not _is_replaceable(node, {}):
+        if node.op == "call_module" or not _is_replaceable(node, {}):
+            continue
+        if id(owner.get_submodule(_owner(node))) not in owners:
             continue
         inplace = node.target in (F.relu_, torch.relu_, "relu_") or bool(node.kwargs.get("inplace", False)) or (
             node.target in (F.relu, F.relu6) and len(node.args) > 1 and bool(node.args[1]))
@@ -253,29 +261,40 @@ def _retrace_without_relu(owner: nn.Module, leaves: set[int]) -> fx.GraphModule:
 
 
 def _analyse_graph(model: nn.Module, selected: dict[str, nn.Module]) -> tuple[
-        dict[str, frozenset[fx.Node]], dict[str, frozenset[fx.Node]], dict[str, nn.Module]]:
-    """Trace ``model``; for each selected layer with a never-negative input: all its sources, and the ones
-    left once the replaceable sources are replaced. Raises what ``torch.fx`` raises on untraceable code."""
-    leaves = {id(m) for m in selected.values()}
-    graph = _Tracer(leaves).trace(model)
+        dict[str, frozenset[fx.Node]], dict[str, frozenset[fx.Node]], list[fx.Node], dict[str, nn.Module]]:
+    """Trace ``model``; return, for each selected layer with a never-negative input, its sources; the
+    activation nodes to replace (a module as a whole, a functional call in every call of its module's
+    forward), grown until no replaceable source is left (Hardtanh keeps the sign of what it reads, so a
+    ReLU before a replaced one may show up); and the sources left then. Raises what ``torch.fx`` raises on
+    untraceable code."""
+    graph = _Tracer({id(m) for m in selected.values()}).trace(model)
     modules = dict(model.named_modules())
-    ids = {id(m): name for name, m in selected.items()}
-    analysis = _NonNegativeAnalysis(modules)
-    found: dict[str, frozenset[fx.Node]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module" and id(modules[node.target]) in ids and node.args:
-            src = analysis.sources(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-            if src:
-                found[ids[id(modules[node.target])]] = found.get(ids[id(modules[node.target])], frozenset()) | src
-    replaceable = frozenset(n for s in found.values() for n in s if _is_replaceable(n, modules))
-    after = _NonNegativeAnalysis(modules, ignore=replaceable)
-    remaining = {}
-    for node in graph.nodes:
-        if node.op == "call_module" and ids.get(id(modules[node.target])) in found:
-            src = after.sources(node.args[0])
-            if src is not None:
-                remaining[ids[id(modules[node.target])]] = src
-    return found, remaining, modules
+    names = {id(m): name for name, m in selected.items()}
+    chosen: set[int] = set()  # ids of replaced activation modules and of modules whose F.relu calls are
+
+    def key(node: fx.Node) -> int:
+        return id(modules[node.target]) if node.op == "call_module" else id(modules[_owner(node)])
+
+    def replaced(node: fx.Node) -> bool:
+        return _is_replaceable(node, modules) and key(node) in chosen
+
+    first: dict[str, frozenset[fx.Node]] | None = None
+    while True:
+        analysis = _NonNegativeAnalysis(modules, replaced)
+        found: dict[str, frozenset[fx.Node]] = {}
+        for node in graph.nodes:
+            if node.op == "call_module" and id(modules[node.target]) in names and isinstance(node.args[0], fx.Node):
+                src = analysis.sources(node.args[0])
+                if src:
+                    name = names[id(modules[node.target])]
+                    found[name] = found.get(name, frozenset()) | src
+        first = found if first is None else first
+        new = {key(n) for s in found.values() for n in s if _is_replaceable(n, modules)}
+        if not new:
+            break
+        chosen |= new
+    to_replace = [n for n in graph.nodes if replaced(n)]
+    return first, found, to_replace, modules
 
 
 def _transformer_sources(model: nn.Module, selected: dict[str, nn.Module]) -> dict[str, str]:
@@ -409,7 +428,7 @@ def _handle_activations(model: nn.Module, selected: dict[str, nn.Module], policy
     leaves = {id(m) for m in selected.values()}
     transformer = _transformer_sources(model, selected)
     try:
-        found, remaining, modules = _analyse_graph(model, selected)
+        found, remaining, to_replace, modules = _analyse_graph(model, selected)
     except Exception as err:  # fx cannot trace data-dependent control flow and the like
         report.traced = False
         relus = [n for n, m in model.named_modules() if _replaceable_module(m)]
@@ -446,10 +465,9 @@ def _handle_activations(model: nn.Module, selected: dict[str, nn.Module], policy
                          "(they would output a constant): "
                          + "; ".join(f"{n} <- {', '.join(s)}" for n, s in report.non_negative_inputs.items())
                          + ". Pass activation='hardtanh' to replace those activations, or change the model.")
-    sources = {n for s in found.values() for n in s if _is_replaceable(n, modules)}
     module_swaps = {}
     owners: dict[int, nn.Module] = {}
-    for node in sources:
+    for node in to_replace:
         if node.op == "call_module":
             m = modules[node.target]
             module_swaps[id(m)] = _hardtanh_for(m)
@@ -459,12 +477,11 @@ def _handle_activations(model: nn.Module, selected: dict[str, nn.Module], policy
             owner = modules[owner] if owner else model
             owners[id(owner)] = owner
             report.replaced_activations[_describe(node)] = "F.hardtanh"
-    for owner in owners.values():
-        traced = _retrace_without_relu(owner, leaves)
-        if owner is model:
-            model = traced
-        else:
-            module_swaps[id(owner)] = traced
+    if id(model) in owners:  # the root's trace inlines every other owner: one GraphModule for all
+        model = _retrace_without_relu(model, leaves, set(owners))
+    else:
+        for owner in owners.values():
+            module_swaps[id(owner)] = _retrace_without_relu(owner, leaves, {id(owner)})
     _replace_by_id(model, module_swaps)
     _replace_transformer_activations(model, transformer, report)
     report.unresolved = sorted(remaining)
