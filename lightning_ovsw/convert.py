@@ -549,6 +549,15 @@ class BinarizationSummary:
         return "\n".join(lines + self.notes)
 
 
+def _numel(t: torch.Tensor) -> int:
+    """Elements of ``t``; 0 for the uninitialised parameters of a lazy module."""
+    return 0 if isinstance(t, nn.parameter.UninitializedTensorMixin) else t.numel()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return 0 if isinstance(t, nn.parameter.UninitializedTensorMixin) else t.numel() * t.element_size()
+
+
 def _binary_packed_bytes(layer: nn.Module) -> int:
     """1 bit per weight in 32-bit words along the reduction axis, plus float32 alpha and bias."""
     out_ch, k = layer.weight.shape[0], layer.weight[0].numel()
@@ -593,8 +602,8 @@ def binarization_summary(model: nn.Module, example_input: torch.Tensor | tuple[i
             params = sum(p.numel() for p in m.parameters(recurse=False))
         elif isinstance(m, (nn.Conv2d, nn.Linear)):
             kind, precision = type(m).__name__, str(m.weight.dtype).replace("torch.", "")
-            params = sum(p.numel() for p in m.parameters(recurse=False))
-            size = sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+            params = sum(_numel(p) for p in m.parameters(recurse=False))
+            size = sum(_nbytes(p) for p in m.parameters(recurse=False))
         else:
             continue
         mac = macs.get(name)
@@ -602,11 +611,11 @@ def binarization_summary(model: nn.Module, example_input: torch.Tensor | tuple[i
             total_macs += mac
             binary_macs += mac if precision == "1-bit" else 0
         rows.append(LayerRow(name, kind, precision, params, size, mac, report.kept_float.get(name, "")))
-    latent = sum(t.numel() * 4 for t in model.parameters()) + sum(
-        b.numel() * b.element_size() for n, b in model.named_buffers() if "running" in n
+    latent = sum(_numel(t) * 4 for t in model.parameters()) + sum(
+        _nbytes(b) for n, b in model.named_buffers() if "running" in n
     )
     layer_ids = {id(t) for _, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, BinaryLayer,
                  PackedConv2d, PackedLinear)) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
-    others = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if id(t) not in layer_ids)
+    others = sum(_nbytes(t) for t in [*model.parameters(), *model.buffers()] if id(t) not in layer_ids)
     packed = sum(r.packed_bytes for r in rows) + others
     return BinarizationSummary(rows, latent, packed, binary_macs, total_macs, report.notes())
