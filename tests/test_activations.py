@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lightning_ovsw import binarization_summary, binarize_model
-from lightning_ovsw.layers import BinaryLayer
+from lightning_ovsw.registry import binary_layers
 
 
 def replaced(model: nn.Module) -> set[str]:
@@ -21,7 +21,7 @@ def binary_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """The input every binary layer sees on ``x`` (eval mode)."""
     seen: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].detach().clone()))
-             for n, m in model.named_modules() if isinstance(m, BinaryLayer)]
+             for n, m in binary_layers(model)]
     with torch.no_grad():
         model.eval()(x)
     for h in hooks:

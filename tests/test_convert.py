@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from lightning_ovsw import BinaryConv2d, BinaryLinear, binarization_summary, binarize_model
-from lightning_ovsw.layers import BinaryLayer
+from lightning_ovsw.registry import binary_layers
 
 
 def kinds(model):
@@ -34,7 +34,7 @@ def test_torchvision_resnet18():
     # every binary layer sees negative inputs: no ReLU is left in front of one
     seen = []
     hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(bool((args[0] < 0).any())))
-             for m in model.modules() if isinstance(m, BinaryLayer)]
+             for _, m in binary_layers(model)]
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -54,10 +54,10 @@ def test_inplace_reuses_parameters_and_optimizer_references():
 def test_skip_rules_and_filter_fn():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2))
     all_binary = binarize_model(model, skip_first=False, skip_last=False)
-    assert sum(isinstance(m, BinaryLayer) for m in all_binary.modules()) == 4
+    assert len(binary_layers(all_binary)) == 4
     assert isinstance(all_binary[4], BinaryLinear)
     chosen = binarize_model(model, filter_fn=lambda m, name: name == "2")
-    assert [n for n, m in chosen.named_modules() if isinstance(m, BinaryLayer)] == ["2"]
+    assert [n for n, _ in binary_layers(chosen)] == ["2"]
     opts = binarize_model(model, pad_value=1, scale="none")
     assert opts[1].options.pad_value == 1 and opts[1].options.scale == "none"
 
