@@ -9,14 +9,16 @@
 - ``weight_kernel``: per output row ``alpha_i = mean(|W[i] - mean|) / sqrt(var_unbiased + 1e-5)`` (1 for a
   one-element row) and ``sign(W[i])`` (or ``alpha_i * sign(W[i])``) in the conv's dtype.
 
-Every kernel reads any float dtype and works on flat, dense buffers (rows contiguous). ``ESTIMATOR`` codes
-are those of ``lightning_ovsw.kernels.train_ops``: 0 Bi-Real (``approx_sign``), 1 ``ste``, 2 ``clipped_ste``.
+Every kernel reads any float dtype and works on flat, dense buffers (rows contiguous). ``ESTIMATOR`` is a
+``kernels.codes.Estimator`` code.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ._common import EST_APPROX_SIGN, EST_CLIPPED_STE
 
 #: ``+ 1e-5`` under the square roots, as ``lightning_ovsw.layers``.
 EPS = tl.constexpr(1e-5)
@@ -77,10 +79,10 @@ def sign_backward_kernel(grad_ptr, x_ptr, inv_std_ptr, out_ptr, M, ESTIMATOR: tl
         s = tl.load(inv_std_ptr + row)
     else:
         s = 1.0
-    if ESTIMATOR == 0:
+    if ESTIMATOR == EST_APPROX_SIGN:
         x_hat = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(tl.float32) * s
         g = g * tl.maximum(2.0 - 2.0 * tl.abs(x_hat), 0.0)
-    elif ESTIMATOR == 2:
+    elif ESTIMATOR == EST_CLIPPED_STE:
         x_hat = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(tl.float32) * s
         g = tl.where(tl.abs(x_hat) <= 1.0, g, 0.0)
     tl.store(out_ptr + ptrs, (g * s).to(out_ptr.dtype.element_ty), mask=mask)
