@@ -67,6 +67,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------- validation
+# The one validation of each op's arguments: every kernel (reference, Triton, fake) runs behind it, and
+# ``kernels/triton/ops.py`` calls it for direct callers; those add only their own limits.
 def _check_bits(t: Tensor, name: str, ndim: int | None) -> None:
     if not isinstance(t, Tensor) or t.dtype != torch.int32:
         raise TypeError(
@@ -115,26 +117,26 @@ def _result_dtype(scale, bias, residual, out_dtype) -> torch.dtype:
     return out_dtype or torch.float32
 
 
-def _pair(v: Sequence[int], name: str, minimum: int) -> tuple[int, int]:
+def pair(v: Sequence[int], name: str, minimum: int) -> tuple[int, int]:
     pair = (v, v) if isinstance(v, int) else tuple(v)
     if len(pair) != 2 or not all(isinstance(i, int) and i >= minimum for i in pair):
         raise ValueError(f"{name} must be a pair of ints >= {minimum}, got {v!r}")
     return pair
 
 
-def _check_sign_pack(x: Tensor) -> None:
+def check_sign_pack(x: Tensor) -> None:
     _check_float(x, "x")
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dim to pack, got shape {tuple(x.shape)}")
 
 
-def _check_sign_pack_nchw(x: Tensor) -> None:
+def check_sign_pack_nchw(x: Tensor) -> None:
     _check_float(x, "x")
     if x.dim() != 4 or x.shape[1] == 0:
         raise ValueError(f"x must be NCHW [N, C, H, W] with C > 0, got shape {tuple(x.shape)}")
 
 
-def _linear_shape(x_bits, w_bits, k, scale, bias, residual, out_dtype) -> tuple[int, ...]:
+def linear_shape(x_bits, w_bits, k, scale, bias, residual, out_dtype) -> tuple[int, ...]:
     """Validate ``packed_linear``'s arguments; return the output shape."""
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int (the number of packed bits), got {k!r}")
@@ -154,7 +156,7 @@ def _linear_shape(x_bits, w_bits, k, scale, bias, residual, out_dtype) -> tuple[
     return out_shape
 
 
-def _conv_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias, residual,
+def conv_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias, residual,
                 out_dtype) -> tuple[int, ...]:
     """Validate ``packed_conv2d``'s arguments; return the NHWC output shape."""
     _check_bits(x_bits, "x_bits", 4)
@@ -172,8 +174,8 @@ def _conv_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_valu
     if pad_value not in (0, 1):
         raise ValueError(
             f"pad_value must be 0 (padded taps contribute 0) or 1 (pad with +1), got {pad_value!r}")
-    (sh, sw), (ph, pw), (dh, dw) = (_pair(stride, "stride", 1), _pair(padding, "padding", 0),
-                                    _pair(dilation, "dilation", 1))
+    (sh, sw), (ph, pw), (dh, dw) = (pair(stride, "stride", 1), pair(padding, "padding", 0),
+                                    pair(dilation, "dilation", 1))
     n, h, w, _ = x_bits.shape
     cout, kh, kwid, _ = w_bits.shape
     ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kwid, sw, pw, dw)
@@ -276,7 +278,7 @@ def _conv_sign_reference(x_bits, w_bits, in_channels, stride=(1, 1), padding=(0,
 
 
 def _conv_sign_shape(*args) -> tuple[int, ...]:
-    return _conv_shape(*args, torch.float32)
+    return conv_shape(*args, torch.float32)
 
 
 def _conv_act_reference(x_bits, w_bits, in_channels, stride=(1, 1), padding=(0, 0), dilation=(1, 1), pad_value=0,
@@ -294,7 +296,7 @@ def _conv_act_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_
             raise TypeError(f"{name} must be a float, got {v!r}")
     if min_val > max_val:
         raise ValueError(f"min_val must be <= max_val (the hardtanh range), got {min_val} > {max_val}")
-    return _conv_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias, residual,
+    return conv_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias, residual,
                        out_dtype or torch.float32)
 
 
@@ -328,11 +330,11 @@ def _conv_act_triton(tri, x, w, c, s, p, d, pad_value, scale, bias, residual, mi
 
 
 _IMPLS = {
-    "sign_pack": (reference.sign_pack, lambda tri, x: tri.triton_sign_pack(x), _check_sign_pack),
+    "sign_pack": (reference.sign_pack, lambda tri, x: tri.triton_sign_pack(x), check_sign_pack),
     "sign_pack_nchw": (_sign_pack_nchw_reference, lambda tri, x: tri.triton_sign_pack_nchw(x),
-                       _check_sign_pack_nchw),
-    "packed_linear": (reference.packed_linear, _linear_triton, _linear_shape),
-    "packed_conv2d": (_conv_reference, _conv_triton, _conv_shape),
+                       check_sign_pack_nchw),
+    "packed_linear": (reference.packed_linear, _linear_triton, linear_shape),
+    "packed_conv2d": (_conv_reference, _conv_triton, conv_shape),
     "packed_conv2d_sign": (_conv_sign_reference, _conv_sign_triton, _conv_sign_shape),
     "packed_conv2d_act": (_conv_act_reference, _conv_act_triton, _conv_act_shape),
 }
@@ -347,27 +349,27 @@ cpu.AFTER_FAILED_LOAD.append(_register_python_cpu_kernels)
 # ------------------------------------------------------------------------------------------ fakes
 @torch.library.register_fake("ovsw::sign_pack", lib=_LIB)
 def _sign_pack_fake(x: Tensor) -> Tensor:
-    _check_sign_pack(x)
+    check_sign_pack(x)
     return x.new_empty((*x.shape[:-1], num_words(x.shape[-1])), dtype=torch.int32)
 
 
 @torch.library.register_fake("ovsw::sign_pack_nchw", lib=_LIB)
 def _sign_pack_nchw_fake(x: Tensor) -> Tensor:
-    _check_sign_pack_nchw(x)
+    check_sign_pack_nchw(x)
     n, c, h, w = x.shape
     return x.new_empty((n, h, w, num_words(c)), dtype=torch.int32)
 
 
 @torch.library.register_fake("ovsw::packed_linear", lib=_LIB)
 def _packed_linear_fake(x_bits, w_bits, k, scale=None, bias=None, residual=None, out_dtype=None):
-    shape = _linear_shape(x_bits, w_bits, k, scale, bias, residual, out_dtype)
+    shape = linear_shape(x_bits, w_bits, k, scale, bias, residual, out_dtype)
     return x_bits.new_empty(shape, dtype=_result_dtype(scale, bias, residual, out_dtype))
 
 
 @torch.library.register_fake("ovsw::packed_conv2d", lib=_LIB)
 def _packed_conv2d_fake(x_bits, w_bits, in_channels, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                         pad_value=0, scale=None, bias=None, residual=None, out_dtype=None):
-    shape = _conv_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias,
+    shape = conv_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias,
                         residual, out_dtype)
     return x_bits.new_empty(shape, dtype=_result_dtype(scale, bias, residual, out_dtype))
 
@@ -416,8 +418,8 @@ def packed_conv2d(x_bits: Tensor, w_bits: Tensor, in_channels: int, stride: Sequ
                   out_dtype: torch.dtype | None = None) -> Tensor:
     """Binary conv2d on packed NHWC signs -> NHWC ``[N, Ho, Wo, Cout]`` (see ``reference.packed_conv2d``)."""
     return torch.ops.ovsw.packed_conv2d(
-        x_bits, w_bits, in_channels, list(_pair(stride, "stride", 1)), list(_pair(padding, "padding", 0)),
-        list(_pair(dilation, "dilation", 1)), pad_value, scale, bias, residual, out_dtype)
+        x_bits, w_bits, in_channels, list(pair(stride, "stride", 1)), list(pair(padding, "padding", 0)),
+        list(pair(dilation, "dilation", 1)), pad_value, scale, bias, residual, out_dtype)
 
 
 def packed_conv2d_sign(x_bits: Tensor, w_bits: Tensor, in_channels: int, stride: Sequence[int] = (1, 1),
@@ -428,8 +430,8 @@ def packed_conv2d_sign(x_bits: Tensor, w_bits: Tensor, in_channels: int, stride:
     epilogue ``acc * scale + bias + residual`` as packed NHWC words ``[N, Ho, Wo, ceil(Cout/32)]``
     (equal to ``sign_pack(packed_conv2d(..., out_dtype=torch.float32))``), without writing the floats."""
     return torch.ops.ovsw.packed_conv2d_sign(
-        x_bits, w_bits, in_channels, list(_pair(stride, "stride", 1)), list(_pair(padding, "padding", 0)),
-        list(_pair(dilation, "dilation", 1)), pad_value, scale, bias, residual)
+        x_bits, w_bits, in_channels, list(pair(stride, "stride", 1)), list(pair(padding, "padding", 0)),
+        list(pair(dilation, "dilation", 1)), pad_value, scale, bias, residual)
 
 
 def packed_conv2d_act(x_bits: Tensor, w_bits: Tensor, in_channels: int, stride: Sequence[int] = (1, 1),
@@ -441,6 +443,6 @@ def packed_conv2d_act(x_bits: Tensor, w_bits: Tensor, in_channels: int, stride: 
     ``[N, Ho, Wo, Cout]`` in ``out_dtype`` (float32 if None) and ``y_bits = sign_pack(y)``, the next binary
     layer's packed input (equal to the unfused ops; one pass over the output on CPU)."""
     return torch.ops.ovsw.packed_conv2d_act(
-        x_bits, w_bits, in_channels, list(_pair(stride, "stride", 1)), list(_pair(padding, "padding", 0)),
-        list(_pair(dilation, "dilation", 1)), pad_value, scale, bias, residual, float(min_val), float(max_val),
+        x_bits, w_bits, in_channels, list(pair(stride, "stride", 1)), list(pair(padding, "padding", 0)),
+        list(pair(dilation, "dilation", 1)), pad_value, scale, bias, residual, float(min_val), float(max_val),
         out_dtype)

@@ -36,8 +36,10 @@ import os
 import torch
 from torch import Tensor
 
-ACTIVATION_CODES = {"approx_sign": 0, "ste": 1, "clipped_ste": 2}
-WEIGHT_CODES = {"ste": 1, "clipped_ste": 2}
+from .codes import ACTIVATION_ESTIMATORS as ACTIVATION_CODES
+from .codes import WEIGHT_ESTIMATORS as WEIGHT_CODES
+from .codes import Estimator
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -189,7 +191,7 @@ def _act_setup(ctx, inputs, output) -> None:
     x, _, estimator, _ = inputs
     ctx.estimator = estimator
     ctx.x_meta = (x.dim(), x.dtype)
-    ctx.save_for_backward(None if estimator == ACTIVATION_CODES["ste"] else x, output[1])
+    ctx.save_for_backward(None if estimator == Estimator.STE else x, output[1])
 
 
 def _act_backward(ctx, grad: Tensor, _grad_inv_std: Tensor | None):
@@ -230,7 +232,7 @@ def _(w: Tensor, estimator: int, dtype: torch.dtype, scaled: bool) -> tuple[Tens
 def _weight_setup(ctx, inputs, output) -> None:
     w, estimator, _, scaled = inputs
     ctx.dtype = w.dtype
-    ctx.save_for_backward(w if estimator == WEIGHT_CODES["clipped_ste"] else None, output[1] if scaled else None)
+    ctx.save_for_backward(w if estimator == Estimator.CLIPPED_STE else None, output[1] if scaled else None)
 
 
 def _weight_backward(ctx, grad_out: Tensor, _grad_alpha: Tensor | None):
@@ -289,7 +291,7 @@ def _conv_setup(ctx, inputs, output) -> None:
 def _conv_backward(ctx, grad: Tensor, _grad_inv_std: Tensor | None):
     x, inv_std, w_sign = ctx.saved_tensors
     estimator, stride, pad, dilation, pad_value = ctx.args
-    xb, conv_pad = _pad(binarize_act(x, False, ACTIVATION_CODES["ste"], w_sign.dtype)[0], pad, pad_value)
+    xb, conv_pad = _pad(binarize_act(x, False, int(Estimator.STE), w_sign.dtype)[0], pad, pad_value)
     grad_xb, grad_w, _ = torch.ops.aten.convolution_backward(
         grad.to(w_sign.dtype), xb, w_sign, None, stride, conv_pad, dilation, False, [0, 0], 1, [True, True, False])
     if list(conv_pad) != [pad[2], pad[0]]:  # explicitly padded: drop the gradient of the padding
@@ -325,7 +327,7 @@ def _linear_setup(ctx, inputs, output) -> None:
 
 def _linear_backward(ctx, grad: Tensor, _grad_inv_std: Tensor | None):
     x, inv_std, w_sign = ctx.saved_tensors
-    xb = binarize_act(x, False, ACTIVATION_CODES["ste"], w_sign.dtype)[0]
+    xb = binarize_act(x, False, int(Estimator.STE), w_sign.dtype)[0]
     grad = grad.to(w_sign.dtype)
     grad_w = grad.reshape(-1, grad.shape[-1]).t() @ xb.reshape(-1, xb.shape[-1])
     return binarize_act_backward(grad @ w_sign, x, inv_std, ctx.estimator), grad_w, None, None
@@ -379,19 +381,19 @@ def _check_weight_args(w: Tensor, estimator: int, dtype: torch.dtype) -> None:
 def fused_binary_linear(x: Tensor, w_sign: Tensor, standardize: bool, estimator: str) -> Tensor:
     """``linear(sign(x), w_sign)`` with the activation gradient of ``estimator`` on ``x / std``
     (``standardize``) or ``x``; keeps ``x`` (not ``sign(x)``) for the backward."""
-    return binary_linear(x, w_sign, standardize, ACTIVATION_CODES[estimator])[0]
+    return binary_linear(x, w_sign, standardize, int(ACTIVATION_CODES[estimator]))[0]
 
 
 def fused_binary_conv2d(x: Tensor, w_sign: Tensor, standardize: bool, estimator: str, stride: tuple[int, int],
                         pad: tuple[int, int, int, int], dilation: tuple[int, int], pad_value: int) -> Tensor:
     """``conv2d`` of the padded ``sign(x)`` with ``w_sign`` (``pad`` in ``F.pad`` order), the activation
     gradient of ``estimator`` on ``x / std`` (``standardize``) or ``x``."""
-    return binary_conv2d(x, w_sign, standardize, ACTIVATION_CODES[estimator], list(stride), list(pad),
+    return binary_conv2d(x, w_sign, standardize, int(ACTIVATION_CODES[estimator]), list(stride), list(pad),
                          list(dilation), pad_value)[0]
 
 
 def fused_binary_weight(w: Tensor, estimator: str, dtype: torch.dtype, scaled: bool) -> tuple[Tensor, Tensor]:
     """``(sign(W)`` in ``dtype``, or ``alpha * sign(W)`` if ``scaled``; detached standardized ``alpha)`` — the
     fused twin of ``binary_weight`` and ``standardized_scale``."""
-    out, alpha = binarize_weight(w, WEIGHT_CODES[estimator], dtype, scaled)
+    out, alpha = binarize_weight(w, int(WEIGHT_CODES[estimator]), dtype, scaled)
     return out, alpha.detach()

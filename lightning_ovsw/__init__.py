@@ -15,6 +15,7 @@ _LAZY = {
     "FlipMonitor": "lightning_ovsw.callbacks",
     "binarize_model": "lightning_ovsw.convert",
     "binarization_summary": "lightning_ovsw.convert",
+    "ConversionReport": "lightning_ovsw.convert",
     "pack_model": "lightning_ovsw.pack",
     "save_packed": "lightning_ovsw.io",
     "load_packed": "lightning_ovsw.io",

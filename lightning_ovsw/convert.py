@@ -1,26 +1,329 @@
-"""``binarize_model`` (float model -> binary training model) and ``binarization_summary``."""
+"""``binarize_model`` (float model -> binary training model) and ``binarization_summary``.
+
+A binary layer needs a sign-symmetric input (design §2): after a ReLU every input is >= 0, ``sign(x) = +1``
+everywhere and the layer outputs a constant. ``binarize_model`` therefore traces the model with
+``torch.fx`` and finds, for every layer it binarizes, the activations whose output can never be negative and
+reaches the layer's input unchanged in sign: through pooling (max, average, adaptive), flatten, reshapes,
+dropout, identity, concatenation, chunk/split, and sums or products of such values. ``activation=`` says
+what to do with them (``"hardtanh"``: replace them by ``nn.Hardtanh``, the paper's choice).
+"""
 
 from __future__ import annotations
 
 import copy
+import logging
+import operator
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear, BinaryOptions
+from lightning_ovsw.registry import binary_layers
 
 FilterFn = Callable[[nn.Module, str], bool]
+ActivationPolicy = Literal["hardtanh", "keep", "error"]
+ACTIVATION_POLICIES: tuple[str, ...] = ("hardtanh", "keep", "error")
+
+_log = logging.getLogger(__name__)
+
+# Activations that never output a negative value. The ReLU family is replaced (Hardtanh keeps their role of
+# a nonlinearity that clips); the others (gates, probabilities) have no sign-symmetric twin and are reported.
+_RELU_FUNCTIONS = (F.relu, torch.relu, F.relu_, torch.relu_, F.relu6)
+_RELU_METHODS = ("relu", "relu_")
+_NON_NEGATIVE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Softplus)
+_NON_NEGATIVE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softmax, torch.softmax, F.softplus, torch.abs)
+_NON_NEGATIVE_METHODS = ("sigmoid", "abs", "softmax")
+# Ops whose output is >= 0 wherever all their tensor inputs are (a subset of the inputs, reordered, pooled).
+_SIGN_KEEPING_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Flatten, nn.Unflatten, nn.Identity, nn.ZeroPad2d, nn.ChannelShuffle, nn.Upsample, nn.PixelShuffle,
+    nn.modules.dropout._DropoutNd, nn.Hardtanh, nn.Tanh, nn.LeakyReLU, nn.ELU,  # f(x) >= 0 iff x >= 0
+)
+_SIGN_KEEPING_FUNCTIONS = (
+    torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze, torch.chunk,
+    torch.split, torch.cat, torch.concat, torch.stack, operator.getitem, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, F.dropout2d, F.interpolate,
+    F.hardtanh, torch.tanh, F.leaky_relu, torch.mean, operator.add, operator.iadd, torch.add, operator.mul, operator.imul,
+    torch.mul,
+)
+_SIGN_KEEPING_METHODS = (
+    "view", "reshape", "flatten", "transpose", "permute", "contiguous", "chunk", "split", "squeeze",
+    "unsqueeze", "expand", "clone", "mean", "add", "add_", "mul", "mul_", "to", "float",
+)
 
 
-def _unsupported_reason(module: nn.Module) -> str | None:
+def _replaceable_module(m: nn.Module) -> bool:
+    """ReLU, ReLU6 and any Hardtanh clipped at a non-negative minimum."""
+    return isinstance(m, nn.ReLU) or (isinstance(m, nn.Hardtanh) and m.min_val >= 0)
+
+
+def _non_negative_module(m: nn.Module) -> bool:
+    return _replaceable_module(m) or isinstance(m, _NON_NEGATIVE_MODULES)
+
+
+def _is_source(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is an activation that never outputs a negative value."""
+    if node.op == "call_module":
+        return _non_negative_module(modules[node.target])
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS or node.target in _NON_NEGATIVE_FUNCTIONS
+    return node.op == "call_method" and (node.target in _RELU_METHODS or node.target in _NON_NEGATIVE_METHODS)
+
+
+def _is_replaceable(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return _replaceable_module(modules[node.target])
+    return (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _RELU_METHODS)
+
+
+def _keeps_sign(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _SIGN_KEEPING_MODULES)
+    if node.op == "call_function":
+        return node.target in _SIGN_KEEPING_FUNCTIONS
+    return node.op == "call_method" and node.target in _SIGN_KEEPING_METHODS
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node] | None:
+    """The nodes a sign-keeping op reads as data, or None if it also reads a negative constant (``x + -1``).
+
+    The data is the first argument (a tensor, or the list of ``cat`` / ``stack``); for sums and products
+    every argument is data.
+    """
+    arithmetic = node.target in (operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul,
+                                 "add", "add_", "mul", "mul_")
+    data = list(node.args) if arithmetic else node.args[:1]
+    nodes: list[fx.Node] = []
+    for arg in data:
+        for a in arg if isinstance(arg, (list, tuple)) else [arg]:
+            if isinstance(a, fx.Node):
+                nodes.append(a)
+            elif arithmetic and not (isinstance(a, (int, float)) and a >= 0):
+                return None
+    return nodes
+
+
+class _NonNegativeAnalysis:
+    """For a node of the traced graph: the set of never-negative activation nodes its value comes from, if
+    it can never be negative (else None). Nodes for which ``replaced`` is true count as the Hardtanh that
+    will replace them: sign-keeping, not sources."""
+
+    def __init__(self, modules: dict[str, nn.Module], replaced: Callable[[fx.Node], bool]) -> None:
+        self.modules = modules
+        self.replaced = replaced
+        self.memo: dict[fx.Node, frozenset[fx.Node] | None] = {}
+
+    def sources(self, node: fx.Node) -> frozenset[fx.Node] | None:
+        if node not in self.memo:
+            self.memo[node] = self._sources(node)
+        return self.memo[node]
+
+    def _sources(self, node: fx.Node) -> frozenset[fx.Node] | None:
+        if self.replaced(node):
+            inputs = [a for a in node.args[:1] if isinstance(a, fx.Node)]
+        elif _is_source(node, self.modules):
+            return frozenset([node])
+        elif _keeps_sign(node, self.modules):
+            inputs = _tensor_inputs(node)
+        else:
+            return None
+        if not inputs:
+            return None
+        found: set[fx.Node] = set()
+        for arg in inputs:
+            s = self.sources(arg)
+            if s is None:
+                return None
+            found |= s
+        return frozenset(found)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps the modules in ``leaves`` (the layers to binarize) as single ``call_module`` nodes."""
+
+    def __init__(self, leaves: set[int]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) in self.leaves or super().is_leaf_module(m, module_qualified_name)
+
+
+def _owner(node: fx.Node) -> str:
+    """Qualified name of the innermost module whose ``forward`` made the call ``node`` ("" for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""
+
+
+def _describe(node: fx.Node) -> str:
+    """A readable name of an activation node: its module name, or ``F.relu in <owner>``."""
+    if node.op == "call_module":
+        return node.target
+    name = getattr(node.target, "__name__", str(node.target))
+    owner = _owner(node)
+    return f"{name}() in {owner or 'the model forward'}"
+
+
+@dataclass
+class ConversionReport:
+    """What ``binarize_model`` did: ``model.binarization_report``, also shown by ``binarization_summary``.
+
+    ``non_negative_inputs`` maps each binary layer whose float input could never be negative to the
+    activations that made it so; ``replaced_activations`` maps each replaced activation (a module name, or
+    a functional call and the module whose forward makes it) to its replacement; ``unresolved`` lists the
+    binary layers whose input stays non-negative (``activation="keep"``, or a sigmoid-like source).
+    """
+
+    binarized: list[str] = field(default_factory=list)
+    kept_float: dict[str, str] = field(default_factory=dict)
+    non_negative_inputs: dict[str, list[str]] = field(default_factory=dict)
+    replaced_activations: dict[str, str] = field(default_factory=dict)
+    unresolved: list[str] = field(default_factory=list)
+    traced: bool = True
+    fast_path_disabled: list[str] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        lines = []
+        if self.kept_float:
+            lines.append("kept in full precision: " + "; ".join(f"{n} ({r})" for n, r in self.kept_float.items()))
+        if self.replaced_activations:
+            lines.append("activations replaced (a binary layer needs a sign-symmetric input): "
+                         + ", ".join(f"{n} -> {r}" for n, r in self.replaced_activations.items()))
+        if self.unresolved:
+            lines.append("binary layers reading a never-negative input (they output a constant): "
+                         + ", ".join(self.unresolved))
+        if not self.traced:
+            lines.append("the model does not trace with torch.fx: activations were not analysed per layer")
+        if self.fast_path_disabled:
+            lines.append("transformer fast path disabled (it reads the float weights): "
+                         + ", ".join(self.fast_path_disabled))
+        return lines
+
+
+def _unsupported_reason(module: nn.Module, parent: nn.Module | None) -> str | None:
+    """Why a conv / linear module cannot become a binary layer, or None."""
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "uninitialised lazy module: run one forward pass before binarize_model"
+    if parametrize.is_parametrized(module, "weight"):
+        return "parametrized weight (e.g. weight_norm / spectral_norm): remove the parametrization first"
+    if not isinstance(module.weight, nn.Parameter):
+        return "weight is computed by a hook (e.g. the legacy weight_norm / spectral_norm): remove it first"
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear) or isinstance(
+            parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads this projection's weight directly, the layer's forward never runs"
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    if type(module).forward is not base.forward:
+        return f"{type(module).__name__} overrides {base.__name__}.forward, which a binary layer would replace"
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return f"groups={module.groups}"
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
         return f"padding_mode={module.padding_mode!r}"
     return None
+
+
+def _replace_by_id(model: nn.Module, swaps: dict[int, nn.Module]) -> None:
+    """Set every child attribute that holds a module in ``swaps`` (shared modules: every place)."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if id(child) in swaps:
+                setattr(parent, child_name, swaps[id(child)])
+
+
+def _hardtanh_for(m: nn.Module) -> nn.Hardtanh:
+    return nn.Hardtanh(inplace=bool(getattr(m, "inplace", False)))
+
+
+def _retrace_without_relu(owner: nn.Module, leaves: set[int], owners: set[int]) -> fx.GraphModule:
+    """``owner`` as a GraphModule in which the ReLU calls (``F.relu``, ``x.relu()``...) made by the forward of
+    a module in ``owners`` (by id: ``owner`` itself or submodules the trace inlines) are ``F.hardtanh``."""
+    graph = _Tracer(leaves).trace(owner)
+    for node in list(graph.nodes):
+        if node.op == "call_module" or not _is_replaceable(node, {}):
+            continue
+        if id(owner.get_submodule(_owner(node))) not in owners:
+            continue
+        inplace = node.target in (F.relu_, torch.relu_, "relu_") or bool(node.kwargs.get("inplace", False)) or (
+            node.target in (F.relu, F.relu6) and len(node.args) > 1 and bool(node.args[1]))
+        with graph.inserting_before(node):
+            call = graph.call_function(F.hardtanh, (node.args[0],), {"inplace": inplace})
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+    return fx.GraphModule(owner, graph, class_name=type(owner).__name__)
+
+
+def _analyse_graph(model: nn.Module, selected: dict[str, nn.Module]) -> tuple[
+        dict[str, frozenset[fx.Node]], dict[str, frozenset[fx.Node]], list[fx.Node], dict[str, nn.Module]]:
+    """Trace ``model``; return, for each selected layer with a never-negative input, its sources; the
+    activation nodes to replace (a module as a whole, a functional call in every call of its module's
+    forward), grown until no replaceable source is left (Hardtanh keeps the sign of what it reads, so a
+    ReLU before a replaced one may show up); and the sources left then. Raises what ``torch.fx`` raises on
+    untraceable code."""
+    graph = _Tracer({id(m) for m in selected.values()}).trace(model)
+    modules = dict(model.named_modules())
+    names = {id(m): name for name, m in selected.items()}
+    chosen: set[int] = set()  # ids of replaced activation modules and of modules whose F.relu calls are
+
+    def key(node: fx.Node) -> int:
+        return id(modules[node.target]) if node.op == "call_module" else id(modules[_owner(node)])
+
+    def replaced(node: fx.Node) -> bool:
+        return _is_replaceable(node, modules) and key(node) in chosen
+
+    first: dict[str, frozenset[fx.Node]] | None = None
+    while True:
+        analysis = _NonNegativeAnalysis(modules, replaced)
+        found: dict[str, frozenset[fx.Node]] = {}
+        for node in graph.nodes:
+            if node.op == "call_module" and id(modules[node.target]) in names and isinstance(node.args[0], fx.Node):
+                src = analysis.sources(node.args[0])
+                if src:
+                    name = names[id(modules[node.target])]
+                    found[name] = found.get(name, frozenset()) | src
+        first = found if first is None else first
+        new = {key(n) for s in found.values() for n in s if _is_replaceable(n, modules)}
+        if not new:
+            break
+        chosen |= new
+    to_replace = [n for n in graph.nodes if replaced(n)]
+    return first, found, to_replace, modules
+
+
+def _transformer_sources(model: nn.Module, selected: dict[str, nn.Module]) -> dict[str, str]:
+    """``{linear2 name: activation name}`` where a Transformer layer's ReLU feeds a selected ``linear2``
+    (torch's Transformer layers are leaves of the trace: ``linear2(dropout(activation(linear1(x))))``)."""
+    chosen = {id(m) for m in selected.values()}
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and id(m.linear2) in chosen:
+            act = m.activation
+            if act in _RELU_FUNCTIONS or (isinstance(act, nn.Module) and _replaceable_module(act)):
+                found[f"{name}.linear2" if name else "linear2"] = f"{name}.activation" if name else "activation"
+    return found
+
+
+def _disable_transformer_fast_path(model: nn.Module, binary: set[int]) -> list[str]:
+    """Turn off the eval/no-grad fast path of Transformer layers that hold binary layers: it calls
+    ``torch._transformer_encoder_layer_fwd`` on ``linear1.weight`` / ``linear2.weight``, i.e. in float.
+    The switches are the ones the fast path checks: ``activation_relu_or_gelu`` of each layer and
+    ``use_nested_tensor`` of the encoder."""
+    names = []
+    for name, m in model.named_modules():
+        holds = any(id(c) in binary for c in m.modules())
+        if isinstance(m, nn.TransformerEncoderLayer) and holds:
+            m.activation_relu_or_gelu = 0
+            names.append(name)
+        elif isinstance(m, nn.TransformerEncoder) and holds:
+            m.use_nested_tensor = False
+    return names
 
 
 def binarize_model(
@@ -30,6 +333,7 @@ def binarize_model(
     skip_first: bool = True,
     skip_last: bool = True,
     inplace: bool = False,
+    activation: ActivationPolicy = "hardtanh",
     **layer_options,
 ) -> nn.Module:
     """Swap eligible ``nn.Conv2d`` / ``nn.Linear`` modules for ``BinaryConv2d`` / ``BinaryLinear``.
@@ -39,51 +343,161 @@ def binarize_model(
     ``filter_fn(module, qualified_name)`` must return True for the rest to be swapped. The binary layers
     hold the *same* Parameters, so state-dict keys are unchanged (with ``scale="learnable"`` an ``alpha``
     is added), float checkpoints warm-start and, with ``inplace=True``, optimizer references survive.
-    Grouped convolutions are kept float (with a warning) unless ``filter_fn`` selects them, which raises.
-    ``layer_options`` go to the binary layers (see ``BinaryOptions``).
+    ``layer_options`` build the one ``BinaryOptions`` every binary layer gets.
+
+    Kept in full precision, with the reason in ``model.binarization_report`` and a warning: grouped or
+    non-zero-padded convs, parametrized weights (``weight_norm``, ``spectral_norm``), subclasses that
+    override ``forward``, uninitialised lazy modules, and ``nn.MultiheadAttention.out_proj`` (its parent
+    reads the weight directly). A ``filter_fn`` that selects one of them raises.
+
+    ``activation``: what to do with activations that can never be negative (ReLU, ReLU6, ``F.relu``...)
+    and reach a binary layer's input (a binary layer reading them outputs a constant):
+
+    - ``"hardtanh"`` (default, the paper's choice): replace them by ``nn.Hardtanh()`` (range [-1, 1]). A
+      module is replaced as a whole, so its other uses change too (torchvision's ``BasicBlock`` calls one
+      ``self.relu`` twice). A functional call is replaced in the forward of the module that makes it: that
+      module becomes a ``torch.fx.GraphModule`` of itself (same submodules and state-dict keys), and if the
+      call is in the root's forward, the returned model is one. Sigmoid-like sources (no sign-symmetric
+      twin) are left and warned about.
+    - ``"keep"``: change nothing and warn once, naming every affected layer.
+    - ``"error"``: raise, naming every affected layer.
+
+    The analysis runs on a ``torch.fx`` trace. A model that does not trace gets one warning and, with
+    ``"hardtanh"``, every ReLU / ReLU6 module replaced (functional calls cannot be found), with ``"error"`` a
+    ``ValueError``. The torch Transformer layers holding binary layers get their float fast path turned off
+    (it would read the float weights under ``torch.no_grad``), and their ReLU activation feeding a binary
+    ``linear2`` is handled like the others.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"binarize_model expects an nn.Module, got {type(model).__name__}.")
-    BinaryOptions(**layer_options)  # validate once, with a clear error
+    if activation not in ACTIVATION_POLICIES:
+        raise ValueError(f"activation={activation!r} is not supported; choose one of {ACTIVATION_POLICIES}.")
+    options = BinaryOptions(**layer_options)  # validate once, with a clear error
     if not inplace:
         model = copy.deepcopy(model)
+    report = ConversionReport()
+    already = {id(m) for _, m in binary_layers(model)}
+    modules = dict(model.named_modules())
     candidates = [
-        (name, m) for name, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, BinaryLayer)
+        (name, m) for name, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in already
     ]
     skipped = set()
     if candidates and skip_first:
         skipped.add(candidates[0][0])
     if candidates and skip_last:
         skipped.add(candidates[-1][0])
-    swaps: dict[int, nn.Module] = {}
-    kept_unsupported = []
+    selected: dict[str, nn.Module] = {}
     for name, module in candidates:
-        if name in skipped or id(module) in swaps:
+        if name in skipped:
             continue
-        selected = filter_fn is None or filter_fn(module, name)
-        reason = _unsupported_reason(module)
-        if reason and selected:
-            if filter_fn is not None:
-                raise ValueError(f"filter_fn selected {name!r} ({reason}), which binary layers do not support.")
-            kept_unsupported.append(f"{name} ({reason})")
-            continue
-        if selected:
-            cls = BinaryConv2d if isinstance(module, nn.Conv2d) else BinaryLinear
-            swaps[id(module)] = cls.from_float(module, **layer_options)
-    if kept_unsupported:
-        warnings.warn(f"binarize_model kept these layers in full precision: {', '.join(kept_unsupported)}.", stacklevel=2)
-    if not swaps:
+        chosen = filter_fn is None or filter_fn(module, name)
+        parent = modules[name.rpartition(".")[0]] if "." in name else model
+        reason = _unsupported_reason(module, parent) if chosen else None
+        if reason and filter_fn is not None:
+            raise ValueError(f"filter_fn selected {name!r} ({reason}), which binary layers do not support.")
+        if reason:
+            report.kept_float[name] = reason
+        elif chosen:
+            selected[name] = module
+    if report.kept_float:
+        warnings.warn("binarize_model kept these layers in full precision: "
+                      + ", ".join(f"{n} ({r})" for n, r in report.kept_float.items()) + ".", stacklevel=2)
+    if not selected:
         raise ValueError(
             f"binarize_model found nothing to binarize in {type(model).__name__}: {len(candidates)} conv/linear "
             f"layers, of which {len(skipped)} skipped by skip_first/skip_last and the rest rejected by filter_fn "
             "or unsupported. Pass skip_first=False / skip_last=False or a different filter_fn."
         )
-    for parent in list(model.modules()):
-        for child_name, child in parent.named_children():
-            if id(child) in swaps:
-                setattr(parent, child_name, swaps[id(child)])
+    model = _handle_activations(model, selected, activation, report)
+    swaps = {}
+    for name, module in selected.items():
+        cls = BinaryConv2d if isinstance(module, nn.Conv2d) else BinaryLinear
+        swaps[id(module)] = cls.from_float(module, options)
+        report.binarized.append(name)
+    _replace_by_id(model, swaps)
+    report.fast_path_disabled = _disable_transformer_fast_path(model, {id(m) for m in swaps.values()})
+    model.binarization_report = report
+    _log.info("binarize_model: %d binary layers; %s", len(report.binarized), "; ".join(report.notes()) or "-")
     return model
+
+
+def _handle_activations(model: nn.Module, selected: dict[str, nn.Module], policy: str,
+                        report: ConversionReport) -> nn.Module:
+    """Find the never-negative inputs of the ``selected`` layers and apply ``policy``; returns the model
+    (a GraphModule if a root-level functional ReLU was replaced)."""
+    leaves = {id(m) for m in selected.values()}
+    transformer = _transformer_sources(model, selected)
+    try:
+        found, remaining, to_replace, modules = _analyse_graph(model, selected)
+    except Exception as err:  # fx cannot trace data-dependent control flow and the like
+        report.traced = False
+        relus = [n for n, m in model.named_modules() if _replaceable_module(m)]
+        what = {"hardtanh": f"every ReLU/ReLU6 module is replaced by nn.Hardtanh ({len(relus)}); functional "
+                            "calls (F.relu) cannot be found and stay",
+                "keep": "binary layers may read never-negative inputs (ReLU outputs) and output constants",
+                "error": ""}[policy]
+        message = (f"binarize_model: the model does not trace with torch.fx ({type(err).__name__}: {err}), so "
+                   "the activations that feed each binary layer cannot be checked")
+        if policy == "error":
+            raise ValueError(message + "; pass activation='hardtanh' (replaces every ReLU module) or 'keep', or "
+                             "make the model traceable.") from err
+        warnings.warn(f"{message}: {what}.", stacklevel=3)
+        if policy == "hardtanh":
+            for n in relus:
+                report.replaced_activations[n] = "Hardtanh"
+            _replace_by_id(model, {id(m): _hardtanh_for(m) for m in model.modules() if _replaceable_module(m)})
+            _replace_transformer_activations(model, transformer, report)
+        return model
+    for layer, sources in found.items():
+        report.non_negative_inputs[layer] = sorted(_describe(n) for n in sources)
+    for layer, act in transformer.items():
+        report.non_negative_inputs[layer] = [act]
+    affected = sorted(report.non_negative_inputs)
+    if policy == "keep" and affected:
+        report.unresolved = affected
+        warnings.warn("binarize_model (activation='keep'): these binary layers read an input that is never "
+                      "negative, so sign(x) = +1 everywhere and they output a constant: "
+                      + "; ".join(f"{n} <- {', '.join(s)}" for n, s in report.non_negative_inputs.items())
+                      + ". Use activation='hardtanh' or a sign-symmetric activation.", stacklevel=3)
+        return model
+    if policy == "error" and affected:
+        raise ValueError("binarize_model: these binary layers would read an input that is never negative "
+                         "(they would output a constant): "
+                         + "; ".join(f"{n} <- {', '.join(s)}" for n, s in report.non_negative_inputs.items())
+                         + ". Pass activation='hardtanh' to replace those activations, or change the model.")
+    module_swaps = {}
+    owners: dict[int, nn.Module] = {}
+    for node in to_replace:
+        if node.op == "call_module":
+            m = modules[node.target]
+            module_swaps[id(m)] = _hardtanh_for(m)
+            report.replaced_activations[node.target] = "Hardtanh"
+        else:
+            owner = _owner(node)
+            owner = modules[owner] if owner else model
+            owners[id(owner)] = owner
+            report.replaced_activations[_describe(node)] = "F.hardtanh"
+    if id(model) in owners:  # the root's trace inlines every other owner: one GraphModule for all
+        model = _retrace_without_relu(model, leaves, set(owners))
+    else:
+        for owner in owners.values():
+            module_swaps[id(owner)] = _retrace_without_relu(owner, leaves, {id(owner)})
+    _replace_by_id(model, module_swaps)
+    _replace_transformer_activations(model, transformer, report)
+    report.unresolved = sorted(remaining)
+    if remaining:
+        warnings.warn("binarize_model: these binary layers read a never-negative input that has no sign-symmetric "
+                      "replacement (sigmoid-like): "
+                      + "; ".join(f"{n} <- {', '.join(sorted(_describe(s) for s in src))}"
+                                  for n, src in remaining.items()) + ".", stacklevel=3)
+    return model
+
+
+def _replace_transformer_activations(model: nn.Module, transformer: dict[str, str], report: ConversionReport) -> None:
+    for act_name in transformer.values():
+        layer = model.get_submodule(act_name.rpartition(".")[0])
+        layer.activation = nn.Hardtanh()
+        report.replaced_activations[act_name] = "Hardtanh"
 
 
 @dataclass
@@ -94,6 +508,7 @@ class LayerRow:
     params: int
     packed_bytes: int
     macs: int | None
+    note: str = ""  # why a conv / linear layer stayed in full precision
 
 
 @dataclass
@@ -122,6 +537,7 @@ class BinarizationSummary:
             macs = "-" if r.macs is None else f"{r.macs:,}"
             lines.append(
                 f"{r.name:<32} {r.kind:<14} {r.precision:<9} {r.params:>11,} {r.packed_bytes / 1024:>11.1f} {macs:>13}"
+                + (f"  ({r.note})" if r.note else "")
             )
         lines += [
             "-" * len(head),
@@ -131,6 +547,15 @@ class BinarizationSummary:
         if self.total_macs:
             lines.append(f"binary MACs {self.binary_macs:,} of {self.total_macs:,} ({100 * self.binary_mac_fraction:.1f}%)")
         return "\n".join(lines + self.notes)
+
+
+def _numel(t: torch.Tensor) -> int:
+    """Elements of ``t``; 0 for the uninitialised parameters of a lazy module."""
+    return 0 if isinstance(t, nn.parameter.UninitializedTensorMixin) else t.numel()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return 0 if isinstance(t, nn.parameter.UninitializedTensorMixin) else t.numel() * t.element_size()
 
 
 def _binary_packed_bytes(layer: nn.Module) -> int:
@@ -165,30 +590,32 @@ def binarization_summary(model: nn.Module, example_input: torch.Tensor | tuple[i
             model.train(was_training)
             for h in hooks:
                 h.remove()
+    report = getattr(model, "binarization_report", None) or ConversionReport()
+    binary = {id(m) for _, m in binary_layers(model)}
     rows, binary_macs, total_macs = [], 0, 0
     for name, m in model.named_modules():
         if isinstance(m, (PackedConv2d, PackedLinear)):
             kind, precision, size = type(m).__name__, "1-bit", packed_nbytes(m)
             params = sum(b.numel() for b in m.buffers())
-        elif isinstance(m, BinaryLayer):
+        elif id(m) in binary:
             kind, precision, size = type(m).__name__, "1-bit", _binary_packed_bytes(m)
             params = sum(p.numel() for p in m.parameters(recurse=False))
         elif isinstance(m, (nn.Conv2d, nn.Linear)):
             kind, precision = type(m).__name__, str(m.weight.dtype).replace("torch.", "")
-            params = sum(p.numel() for p in m.parameters(recurse=False))
-            size = sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+            params = sum(_numel(p) for p in m.parameters(recurse=False))
+            size = sum(_nbytes(p) for p in m.parameters(recurse=False))
         else:
             continue
         mac = macs.get(name)
         if mac is not None:
             total_macs += mac
             binary_macs += mac if precision == "1-bit" else 0
-        rows.append(LayerRow(name, kind, precision, params, size, mac))
-    latent = sum(t.numel() * 4 for t in model.parameters()) + sum(
-        b.numel() * b.element_size() for n, b in model.named_buffers() if "running" in n
+        rows.append(LayerRow(name, kind, precision, params, size, mac, report.kept_float.get(name, "")))
+    latent = sum(_numel(t) * 4 for t in model.parameters()) + sum(
+        _nbytes(b) for n, b in model.named_buffers() if "running" in n
     )
     layer_ids = {id(t) for _, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, BinaryLayer,
                  PackedConv2d, PackedLinear)) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
-    others = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if id(t) not in layer_ids)
+    others = sum(_nbytes(t) for t in [*model.parameters(), *model.buffers()] if id(t) not in layer_ids)
     packed = sum(r.packed_bytes for r in rows) + others
-    return BinarizationSummary(rows, latent, packed, binary_macs, total_macs)
+    return BinarizationSummary(rows, latent, packed, binary_macs, total_macs, report.notes())

@@ -35,7 +35,9 @@ _EPS = 1e-5
 
 @dataclass(frozen=True)
 class BinaryOptions:
-    """Options shared by every binary layer, validated once."""
+    """Options shared by every binary layer, validated once; one object travels from ``binarize_model`` and
+    the zoo's layer factory to every layer (``pad_value`` has no effect on a linear layer, which has no
+    padding, but is kept so that every layer of a model reports the same options)."""
 
     activation_estimator: str = "approx_sign"
     weight_estimator: str = "ste"
@@ -47,10 +49,15 @@ class BinaryOptions:
             ("activation_estimator", ACTIVATION_ESTIMATORS),
             ("weight_estimator", WEIGHT_ESTIMATORS),
             ("scale", SCALES),
-            ("pad_value", PAD_VALUES),
         ):
-            if getattr(self, field) not in allowed:
+            if not isinstance(getattr(self, field), str) or getattr(self, field) not in allowed:
                 raise ValueError(f"{field}={getattr(self, field)!r} is not supported; choose one of {allowed}.")
+        # exactly the ints 0 and 1 (the packed ops take an int): 1.0, True or "1" would pass ``in (0, 1)``
+        if type(self.pad_value) is not int or self.pad_value not in PAD_VALUES:
+            raise ValueError(
+                f"pad_value={self.pad_value!r} is not supported; pass the int 0 (zero padding of the binarized "
+                "input, as F.conv2d) or 1 (one padding)."
+            )
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,14 +70,23 @@ def standardize_input(x: Tensor) -> Tensor:
 
     ``sign`` is scale invariant, so this changes only the activation gradient (the authors' code).
     """
+    if x.ndim < 2 or x[0].numel() < 2:  # no per-sample spread to measure: leave x as it is
+        return x
     dims = tuple(range(1, x.ndim))
     var = x.detach().to(_stat_dtype(x.dtype)).var(dim=dims, keepdim=True)
     return x / torch.sqrt(var + _EPS).to(x.dtype)
 
 
 def standardized_scale(weight: Tensor) -> Tensor:
-    """``alpha_i = mean(|standardize(W[i])|)`` with the unbiased row variance + 1e-5; detached."""
+    """``alpha_i = mean(|standardize(W[i])|)`` with the unbiased row variance + 1e-5; detached.
+
+    A one-element row (``BinaryLinear(1, n)``, ``BinaryConv2d(1, n, 1)``) has no variance (``torch.var`` of
+    one value is NaN); its ``alpha`` is defined as 1, the scale-free choice (the standardized scale never
+    depends on the magnitude of ``W``). The fused kernel and the packed layers use the same value.
+    """
     w = weight.detach().flatten(1).to(_stat_dtype(weight.dtype))
+    if w.shape[1] == 1:
+        return torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
     centered = w - w.mean(dim=1, keepdim=True)
     return (centered / torch.sqrt(w.var(dim=1, keepdim=True) + _EPS)).abs().mean(dim=1)
 
@@ -183,12 +199,12 @@ class BinaryConv2d(nn.Conv2d, BinaryLayer):
         self._init_binary(options)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, **options) -> BinaryConv2d:
+    def from_float(cls, conv: nn.Conv2d, options: BinaryOptions | None = None) -> BinaryConv2d:
         """A binary twin of ``conv`` that holds the same ``weight`` and ``bias`` Parameters."""
         _validate_conv(conv)
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None, device="meta", **options,
+            conv.dilation, conv.groups, conv.bias is not None, device="meta", **asdict(options or BinaryOptions()),
         )
         layer.weight = conv.weight
         layer.bias = conv.bias
@@ -196,7 +212,9 @@ class BinaryConv2d(nn.Conv2d, BinaryLayer):
         return layer.train(conv.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 4 and train_ops.use_fused(x, self.weight):  # unbatched inputs: plain path
+        if x.dim() == 3:  # unbatched (C, H, W): one sample of the batched call
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if train_ops.use_fused(x, self.weight):
             out = train_ops.fused_binary_conv2d(
                 x, self._fused_weight(x), self.training, self.options.activation_estimator, self.stride,
                 self._reversed_padding_repeated_twice, self.dilation, self.options.pad_value)
@@ -214,7 +232,8 @@ class BinaryConv2d(nn.Conv2d, BinaryLayer):
 
 
 class BinaryLinear(nn.Linear, BinaryLayer):
-    """``linear(sign(x), sign(W)) * alpha (+ bias)``."""
+    """``linear(sign(x), sign(W)) * alpha (+ bias)``; ``pad_value`` is accepted for one ``BinaryOptions`` per
+    model and has no effect (a linear layer has no padding)."""
 
     def __init__(
         self,
@@ -225,18 +244,20 @@ class BinaryLinear(nn.Linear, BinaryLayer):
         activation_estimator: str = "approx_sign",
         weight_estimator: str = "ste",
         scale: str = "standardized",
+        pad_value: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        options = BinaryOptions(activation_estimator, weight_estimator, scale)
+        options = BinaryOptions(activation_estimator, weight_estimator, scale, pad_value)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_binary(options)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, pad_value: int = 0, **options) -> BinaryLinear:
-        """A binary twin of ``linear`` that holds the same Parameters (``pad_value`` is ignored)."""
+    def from_float(cls, linear: nn.Linear, options: BinaryOptions | None = None) -> BinaryLinear:
+        """A binary twin of ``linear`` that holds the same Parameters."""
         layer = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, device="meta", **options
+            linear.in_features, linear.out_features, linear.bias is not None, device="meta",
+            **asdict(options or BinaryOptions()),
         )
         layer.weight = linear.weight
         layer.bias = linear.bias

@@ -24,6 +24,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear
 from lightning_ovsw.packed import PackedConv2d, PackedLinear
+from lightning_ovsw.registry import binary_layers
 
 _FOLDABLE = {BinaryConv2d: nn.BatchNorm2d, BinaryLinear: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}
 _ADDS = (operator.add, operator.iadd, torch.add)
@@ -198,7 +199,7 @@ def pack_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"pack_model expects an nn.Module, got {type(model).__name__}.")
-    binary = [name for name, m in model.named_modules() if isinstance(m, BinaryLayer)]
+    binary = [name for name, _ in binary_layers(model)]
     if not binary:
         raise ValueError(
             "pack_model found no binary layer in the model; binarize it first with "
@@ -244,4 +245,6 @@ def pack_model(
     fuse = (fuse_residual or fuse_activation) and traceable
     packed = _fuse_epilogues(model, fuse_residual, fuse_activation) if fuse else model
     packed.pack_options = options
+    if hasattr(model, "binarization_report"):  # a GraphModule keeps only the submodules: carry the report over
+        packed.binarization_report = model.binarization_report
     return packed

@@ -134,9 +134,13 @@ class PackedConv2d(nn.Module):
 
         ``x_bits``: the packed signs of ``x`` if already known (from a previous layer's ``act`` output), so
         ``x`` is not packed again. ``act=(min_val, max_val)``: return ``(hardtanh(y), its packed sign
-        bits)`` from one fused epilogue (``ovsw::packed_conv2d_act``); ``pack_model`` sets both up.
+        bits)`` from one fused epilogue (``ovsw::packed_conv2d_act``); ``pack_model`` sets both up. An unbatched
+        ``(C, H, W)`` input (with no ``residual`` / ``x_bits`` / ``act``) gives the ``(Cout, Ho, Wo)`` output
+        of the batched call, like ``BinaryConv2d``.
         """
         _check_float(x, type(self).__name__)
+        if x.ndim == 3 and residual is None and x_bits is None and act is None:
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__} expects input [N, {self.in_channels}, H, W], got {tuple(x.shape)}."

@@ -12,11 +12,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_ovsw.kernels import codes
+
 ActivationEstimator = Literal["approx_sign", "ste", "clipped_ste"]
 WeightEstimator = Literal["ste", "clipped_ste"]
 
-ACTIVATION_ESTIMATORS: tuple[str, ...] = ("approx_sign", "ste", "clipped_ste")
-WEIGHT_ESTIMATORS: tuple[str, ...] = ("ste", "clipped_ste")
+ACTIVATION_ESTIMATORS: tuple[str, ...] = tuple(codes.ACTIVATION_ESTIMATORS)
+WEIGHT_ESTIMATORS: tuple[str, ...] = tuple(codes.WEIGHT_ESTIMATORS)
 
 
 def binary_sign(x: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_ovsw import BinaryConv2d, BinaryLinear, binary_sign
+from lightning_ovsw import BinaryConv2d, BinaryLinear, BinaryOptions, binary_sign
 
 
 def sign64(x):
@@ -73,7 +73,7 @@ def test_clipped_ste_weight_and_learnable_scale():
     float_layer = torch.nn.Linear(4, 2, bias=False, dtype=torch.float64)
     with torch.no_grad():
         float_layer.weight.copy_(torch.tensor([[0.5, -2.0, 0.1, 1.0], [-0.3, 0.2, 3.0, -0.9]]))
-    layer = BinaryLinear.from_float(float_layer, weight_estimator="clipped_ste", scale="learnable")
+    layer = BinaryLinear.from_float(float_layer, BinaryOptions(weight_estimator="clipped_ste", scale="learnable"))
     torch.testing.assert_close(layer.alpha.detach(), layer.weight.detach().abs().mean(1))
     x = torch.randn(3, 4, dtype=torch.float64)
     layer.eval()(x).sum().backward()
@@ -105,3 +105,78 @@ def test_bad_options_and_unsupported_configs():
         BinaryConv2d(4, 4, 3, groups=2)
     with pytest.raises(ValueError, match="padding_mode"):
         BinaryConv2d.from_float(torch.nn.Conv2d(3, 3, 3, padding_mode="reflect"))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_unbatched_conv_input_is_one_sample_of_the_batched_call(training):
+    # H == out_channels: the old code scaled along H here without any error
+    layer = BinaryConv2d(3, 6, 3, padding=1, bias=True, dtype=torch.float64).train(training)
+    x = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    xd = x.detach()
+    xs = xd / torch.sqrt(xd.var() + 1e-5) if training else xd  # per-sample std over all of (C, H, W)
+    ref = F.conv2d(sign64(xs)[None], sign64(layer.weight.detach()), None, 1, 1)[0]
+    ref = ref * alpha64(layer.weight).view(-1, 1, 1) + layer.bias.detach().view(-1, 1, 1)
+    assert out.shape == (6, 6, 5)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    x_batched = xd[None].clone().requires_grad_(True)
+    layer(x_batched).sum().backward()
+    torch.testing.assert_close(x.grad, x_batched.grad[0])
+
+
+def test_packed_conv_unbatched_input():
+    from lightning_ovsw.packed import PackedConv2d
+
+    layer = BinaryConv2d(3, 6, 3, padding=1, bias=True).eval()
+    packed = PackedConv2d.from_binary(layer)
+    x = torch.randn(3, 6, 5)
+    with torch.no_grad():
+        want = layer(x)
+    got = packed(x)
+    assert got.shape == want.shape == (6, 6, 5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: BinaryLinear(1, 4, dtype=torch.float64),
+                                  lambda: BinaryConv2d(1, 4, 1, bias=True, dtype=torch.float64)])
+def test_one_element_rows_get_alpha_one(make):
+    """A one-element row has no variance; alpha is defined as 1 (training, eval and packed alike), and a
+    one-element sample is not standardized."""
+    from lightning_ovsw.pack import pack_model
+
+    layer = make()
+    assert torch.equal(layer.scale_factor(), torch.ones(4, dtype=torch.float64))
+    x = torch.randn(5, 1, dtype=torch.float64)
+    if isinstance(layer, BinaryConv2d):
+        x = x.view(5, 1, 1, 1)
+    x.requires_grad_(True)
+    out = layer.train()(x)
+    w = sign64(layer.weight.detach()).flatten(1)  # [4, 1]
+    ref = sign64(x.detach()).flatten(1) @ w.T + layer.bias.detach()  # alpha = 1, no standardization
+    torch.testing.assert_close(out.flatten(1), ref, rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
+    packed = pack_model(layer.float())
+    torch.testing.assert_close(packed(x.detach().float()).flatten(1), ref.float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [1.0, 0.0, 1.5, True, "1", None, 2])
+def test_pad_value_is_the_int_zero_or_one(bad):
+    with pytest.raises(ValueError, match="pad_value"):
+        BinaryOptions(pad_value=bad)
+    with pytest.raises(ValueError, match="pad_value"):
+        BinaryLinear(3, 3, pad_value=bad)
+
+
+def test_options_travel_whole():
+    from lightning_ovsw import binarize_model
+    from lightning_ovsw.models._common import LayerFactory
+
+    options = BinaryOptions(weight_estimator="clipped_ste", scale="none", pad_value=1)
+    assert BinaryLinear.from_float(torch.nn.Linear(3, 2), options).options == options
+    assert BinaryConv2d.from_float(torch.nn.Conv2d(3, 2, 3), options).options == options
+    model = binarize_model(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 4), torch.nn.Conv2d(1, 1, 1),
+                                               torch.nn.Linear(4, 2)), pad_value=1)
+    assert model[1].options.pad_value == 1 and model[1].options == model[2].options
+    assert LayerFactory(True, {"pad_value": 1}).linear(3, 2).options.pad_value == 1

@@ -126,7 +126,7 @@ def test_triton_ags_matches_torch(seed):
     g_ref = layout.gather({n: t.grad for n, t in weights})
     g = g_ref.clone()
     ratio_ref = torch_ags_scale_(layout, w, g_ref, 0.04)
-    ratio = triton_ags_scale_(layout, w, g, 0.04)
+    ratio = triton_ags_scale_(w, g, layout.row_starts, layout.row_lengths, max(k for *_, k in layout.groups), 0.04)
     torch.testing.assert_close(ratio, ratio_ref, rtol=1e-5, atol=0)
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-12)
 
@@ -171,5 +171,6 @@ def test_cuda_kernels_match_torch(skip):
     layout = FlatLayout(weights)
     w, g_ref = layout.gather(dict(weights)), layout.gather({n: t.grad for n, t in weights})
     g = g_ref.clone()
-    torch.testing.assert_close(triton_ags_scale_(layout, w, g, 0.04), torch_ags_scale_(layout, w, g_ref, 0.04), rtol=1e-5, atol=0)
+    ratio = triton_ags_scale_(w, g, layout.row_starts, layout.row_lengths, max(k for *_, k in layout.groups), 0.04)
+    torch.testing.assert_close(ratio, torch_ags_scale_(layout, w, g_ref, 0.04), rtol=1e-5, atol=0)
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-12)

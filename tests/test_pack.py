@@ -11,22 +11,16 @@ import torchvision
 from lightning_ovsw.kernels import reference
 from torch import nn
 
-from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear
+from lightning_ovsw.convert import binarize_model
+from lightning_ovsw.layers import BinaryConv2d, BinaryLinear
 from lightning_ovsw.models import MODELS
 from lightning_ovsw.pack import pack_model
 from lightning_ovsw.packed import PackedConv2d, PackedLinear, packed_nbytes
+from lightning_ovsw.registry import binary_layers
 
 
 def binarize(model: nn.Module) -> nn.Module:
-    """Binarize every conv but the stem (``conv1``) and keep the classifier in full precision."""
-    try:
-        from lightning_ovsw.convert import binarize_model
-    except ImportError:
-        for name, m in list(model.named_modules()):
-            if isinstance(m, nn.Conv2d) and name != "conv1":
-                parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent), attr, BinaryConv2d.from_float(m))
-        return model
+    """Binarize every conv but the stem and keep the classifier in full precision."""
     return binarize_model(model)
 
 
@@ -56,12 +50,15 @@ def assert_matches(float_model: nn.Module, packed: nn.Module, x: torch.Tensor, r
 
 def test_binarized_torchvision_resnet18_matches_float_model():
     model = binarize(torchvision.models.resnet18(num_classes=10))
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(4, 3, 64, 64)
     model = with_bn_statistics(model, x)
+    with torch.no_grad():  # a model whose output depends on its input (no ReLU before a binary conv)
+        a, b = model(x[:2]), model(x[2:])
+    assert (a - b).abs().max() > 1e-2 * a.abs().max()
     packed = pack_model(model)
-    n_binary = sum(isinstance(m, BinaryLayer) for m in model.modules())
+    n_binary = len(binary_layers(model))
     assert sum(isinstance(m, PackedConv2d) for m in packed.modules()) == n_binary
-    assert not any(isinstance(m, BinaryLayer) for m in packed.modules())
+    assert not binary_layers(packed)
     # every conv of a torchvision BasicBlock / downsample feeds exactly one BatchNorm2d: all folded, the
     # stem's into the float stem conv (torch's fuse_conv_bn_eval)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in packed.modules())
@@ -220,7 +217,7 @@ def test_zoo_models_match_float_model(name, size):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the zoo traces with torch.fx: BatchNorms are folded
         packed = pack_model(model)
-    n_binary = sum(isinstance(m, BinaryLayer) for m in model.modules())
+    n_binary = len(binary_layers(model))
     assert n_binary > 0
     assert sum(isinstance(m, (PackedConv2d, PackedLinear)) for m in packed.modules()) == n_binary
     assert_matches(model, packed, x)

@@ -12,18 +12,20 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
+from ..codes import Estimator, InnerProduct
+
 #: ``triton.jit`` reads the variable when a kernel is decorated, so it is read once, at import.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Inner-product modes, a constexpr of every GEMM/conv config.
-POPC = 0  # XOR + popcount over 32-bit words
-DOT_I8 = 1  # unpack to int8 +-1, tl.dot with int32 accumulation
-DOT_F8 = 2  # unpack to fp8 e4m3 +-1, tl.dot with fp32 accumulation (sm >= 89)
-# Two-pass modes: unpack both operands to +-1 bytes in memory once, then a dense tl.dot kernel (no
-# per-tile unpacking: for large compute-bound shapes where unpacking in the main loop costs more than
-# the extra memory pass).
-DENSE_I8 = 3
-DENSE_F8 = 4
+# Inner-product modes (``kernels/codes.py``), a constexpr of every GEMM/conv config: the enum members for
+# Python code, and their ``tl.constexpr`` twins (``MODE_*``, ``EST_*``) for use inside the kernels.
+POPC, DOT_I8, DOT_F8, DENSE_I8, DENSE_F8 = (int(m) for m in InnerProduct)  # plain ints for configs
+MODE_POPC = tl.constexpr(int(InnerProduct.POPC))
+MODE_DOT_I8 = tl.constexpr(int(InnerProduct.DOT_I8))
+MODE_DOT_F8 = tl.constexpr(int(InnerProduct.DOT_F8))
+MODE_DENSE_F8 = tl.constexpr(int(InnerProduct.DENSE_F8))
+EST_APPROX_SIGN = tl.constexpr(int(Estimator.APPROX_SIGN))
+EST_CLIPPED_STE = tl.constexpr(int(Estimator.CLIPPED_STE))
 
 
 @triton.jit
@@ -55,14 +57,14 @@ def unpack_signs(words, keep, ROWS: tl.constexpr, BLOCK_KW: tl.constexpr, MODE: 
     """
     j = tl.arange(0, 32)
     s = tl.reshape((words[:, :, None] << (31 - j)[None, None, :]) >> 31, (ROWS, BLOCK_KW * 32))
-    if MODE == 2:
+    if MODE == MODE_DOT_F8:
         # e4m3: +1 = 0x38, -1 = 0xB8 (the sign bit set), 0 = 0x00
         v = (s & 0x80) | 0x38
     else:
         v = s | 1
     if MASKED:
         v = tl.where(keep, v, 0)
-    if MODE == 2:
+    if MODE == MODE_DOT_F8:
         return v.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
     else:
         return v.to(tl.int8)

@@ -23,6 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ..codes import Estimator, InnerProduct
 from . import binarize, conv, dense, gemm, ovsw_update, pack
 
 # int arguments that are multiples of 16 in the shapes that matter (Triton specializes those at launch)
@@ -78,8 +79,8 @@ def jobs():
         yield "dense_gemm", dense.dense_gemm_kernel, {"a_ptr": byte, "b_ptr": byte, **_OUT}, epi, c
         yield "dense_conv", dense.dense_conv_kernel, {"x_ptr": byte, "w_ptr": byte, **_OUT}, dict(
             epi, PAD_ONE=True), c
-    for mode, out in ((dense.DENSE_I8, "*i8"), (dense.DENSE_F8, "*fp8e4nv")):
-        c = triton.Config({"MODE": mode, "BLOCK_R": 32, "BLOCK_KW": 4}, num_warps=4, num_stages=1)
+    for mode, out in ((InnerProduct.DENSE_I8, "*i8"), (InnerProduct.DENSE_F8, "*fp8e4nv")):
+        c = triton.Config({"MODE": int(mode.in_registers), "BLOCK_R": 32, "BLOCK_KW": 4}, num_warps=4, num_stages=1)
         yield "unpack_rows", dense.unpack_rows_kernel, {"bits_ptr": "*i32", "out_ptr": out}, {}, c
     c = triton.Config({"BLOCK_R": 16, "BLOCK_KW": 4}, num_warps=4, num_stages=1)
     yield "sign_pack_rows", pack.sign_pack_rows_kernel, {"x_ptr": "*bf16", "out_ptr": "*i32"}, {}, c
@@ -99,10 +100,10 @@ def training_jobs():
         for scaled in (True, False):
             yield "weight", binarize.weight_kernel, {"w_ptr": "*fp32", "out_ptr": f"*{dt}", "alpha_ptr": "*fp32"}, {
                 "BLOCK": 1024, "SCALED": scaled}, one(4)
-        for estimator in (0, 1, 2):
+        for estimator in Estimator:
             yield "sign_backward", binarize.sign_backward_kernel, {
                 "grad_ptr": f"*{dt}", "x_ptr": f"*{dt}", "inv_std_ptr": "*fp32", "out_ptr": f"*{dt}"}, {
-                "ESTIMATOR": estimator, "HAS_STD": True, "BLOCK": 2048}, one(8)
+                "ESTIMATOR": int(estimator), "HAS_STD": True, "BLOCK": 2048}, one(8)
     yield "inv_std", binarize.inv_std_kernel, {"mean_ptr": "*fp32", "m2_ptr": "*fp32", "out_ptr": "*fp32"}, {
         "BLOCK": 4096, "NB_BLOCK": 256}, one(4)
     yield "ags_rows", ovsw_update.ags_rows_kernel, {

@@ -6,17 +6,19 @@
   (no float32 copy of ``x``).
 - ``sign_backward_kernel``: ``dL/dx = dL/dsign * f'(x * inv_std) * inv_std`` with the estimator's
   derivative ``f'`` (Bi-Real ``max(0, 2 - 2|x_hat|)``, clipped ``[|x_hat| <= 1]`` or ``1``).
-- ``weight_kernel``: per output row ``alpha_i = mean(|W[i] - mean|) / sqrt(var_unbiased + 1e-5)`` and
-  ``sign(W[i])`` (or ``alpha_i * sign(W[i])``) in the conv's dtype.
+- ``weight_kernel``: per output row ``alpha_i = mean(|W[i] - mean|) / sqrt(var_unbiased + 1e-5)`` (1 for a
+  one-element row) and ``sign(W[i])`` (or ``alpha_i * sign(W[i])``) in the conv's dtype.
 
-Every kernel reads any float dtype and works on flat, dense buffers (rows contiguous). ``ESTIMATOR`` codes
-are those of ``lightning_ovsw.kernels.train_ops``: 0 Bi-Real (``approx_sign``), 1 ``ste``, 2 ``clipped_ste``.
+Every kernel reads any float dtype and works on flat, dense buffers (rows contiguous). ``ESTIMATOR`` is a
+``kernels.codes.Estimator`` code.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ._common import EST_APPROX_SIGN, EST_CLIPPED_STE
 
 #: ``+ 1e-5`` under the square roots, as ``lightning_ovsw.layers``.
 EPS = tl.constexpr(1e-5)
@@ -58,8 +60,9 @@ def inv_std_kernel(mean_ptr, m2_ptr, out_ptr, M, NB, BLOCK: tl.constexpr, NB_BLO
         count = tl.where(b < NB, tl.minimum(M - b * BLOCK, BLOCK), 0).to(tl.float32)
         delta = tl.load(mean_ptr + row * NB + b, mask=b < NB, other=0.0) - mean
         acc += tl.load(m2_ptr + row * NB + b, mask=b < NB, other=0.0) + count * delta * delta
-    var = tl.sum(acc, axis=0) / (M - 1)
-    tl.store(out_ptr + row, 1.0 / tl.sqrt(var + EPS))
+    var = tl.sum(acc, axis=0) / tl.maximum(M - 1, 1)
+    # one element per sample has no spread: 1, as ``standardize_input`` leaves such an input unscaled
+    tl.store(out_ptr + row, tl.where(M > 1, 1.0 / tl.sqrt(var + EPS), 1.0))
 
 
 @triton.jit
@@ -76,10 +79,10 @@ def sign_backward_kernel(grad_ptr, x_ptr, inv_std_ptr, out_ptr, M, ESTIMATOR: tl
         s = tl.load(inv_std_ptr + row)
     else:
         s = 1.0
-    if ESTIMATOR == 0:
+    if ESTIMATOR == EST_APPROX_SIGN:
         x_hat = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(tl.float32) * s
         g = g * tl.maximum(2.0 - 2.0 * tl.abs(x_hat), 0.0)
-    elif ESTIMATOR == 2:
+    elif ESTIMATOR == EST_CLIPPED_STE:
         x_hat = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(tl.float32) * s
         g = tl.where(tl.abs(x_hat) <= 1.0, g, 0.0)
     tl.store(out_ptr + ptrs, (g * s).to(out_ptr.dtype.element_ty), mask=mask)
@@ -105,7 +108,8 @@ def weight_kernel(w_ptr, out_ptr, alpha_ptr, K, SCALED: tl.constexpr, BLOCK: tl.
         d = tl.where(offs < K, w - mean, 0.0)
         sq += d * d
         ab += tl.abs(d)
-    alpha = tl.sum(ab, axis=0) / K / tl.sqrt(tl.sum(sq, axis=0) / (K - 1) + EPS)
+    alpha = tl.sum(ab, axis=0) / K / tl.sqrt(tl.sum(sq, axis=0) / tl.maximum(K - 1, 1) + EPS)
+    alpha = tl.where(K > 1, alpha, 1.0)  # a one-element row: 1, as ``standardized_scale``
     tl.store(alpha_ptr + row, alpha)
     one = alpha if SCALED else 1.0
     for start in range(0, K, BLOCK):

@@ -17,7 +17,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import DOT_F8, DOT_I8, INTERPRET, POPC, grouped_tile, popcount, store_epilogue, unpack_signs
+from ._common import (
+    DOT_F8,
+    DOT_I8,
+    INTERPRET,
+    MODE_DOT_F8,
+    MODE_DOT_I8,
+    MODE_POPC,
+    POPC,
+    grouped_tile,
+    popcount,
+    store_epilogue,
+    unpack_signs,
+)
 from .gemm import _cfg, by_mode
 
 INTERPRET_CONFIGS = {
@@ -93,7 +105,7 @@ def packed_conv_kernel(
     iw0 = ow * SW - PW
     w_rows = (offs_n % COUT) * (KH * KW * CW)
     n_chunks = tl.cdiv(CW, BLOCK_KW)
-    if MODE == 2:
+    if MODE == MODE_DOT_F8:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -107,7 +119,7 @@ def packed_conv_kernel(
         a = tl.load(x_ptr + (x_img + (ih * W + iw) * CW)[:, None] + cws[None, :],
                     mask=valid[:, None] & cmask[None, :], other=0)
         b = tl.load(w_ptr + (w_rows + tap * CW)[:, None] + cws[None, :], mask=cmask[None, :], other=0)
-        if MODE == 0:
+        if MODE == MODE_POPC:
             x = a[:, None, :] ^ b[None, :, :]
             if not PAD_ONE:
                 x = tl.where(valid[:, None, None], x, 0)
@@ -120,11 +132,11 @@ def packed_conv_kernel(
                 keep = valid[:, None] & chan[None, :]
             av = unpack_signs(a, keep, BLOCK_M, BLOCK_KW, MODE, True)
             bv = unpack_signs(b, None, BLOCK_N, BLOCK_KW, MODE, False)
-            if MODE == 1:
+            if MODE == MODE_DOT_I8:
                 acc += tl.dot(av, tl.trans(bv), out_dtype=tl.int32)
             else:
                 acc += tl.dot(av, tl.trans(bv), out_dtype=tl.float32)
-    if MODE == 0:
+    if MODE == MODE_POPC:
         if PAD_ONE:
             res = KH * KW * C - 2 * acc
         else:

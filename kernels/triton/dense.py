@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import DENSE_F8, DENSE_I8, INTERPRET, grouped_tile, store_epilogue, unpack_signs
+from ._common import DENSE_F8, DENSE_I8, INTERPRET, MODE_DENSE_F8, grouped_tile, store_epilogue, unpack_signs
 from .gemm import by_mode
 
 
@@ -43,14 +43,15 @@ def dense_configs() -> list[triton.Config]:
 @triton.jit
 def unpack_rows_kernel(bits_ptr, out_ptr, R, K, KW, MODE: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_KW: tl.constexpr):
-    """``bits [R, KW]`` int32 -> ``out [R, KW * 32]`` of +-1 (0 past ``K``), int8 or fp8 (``MODE``)."""
+    """``bits [R, KW]`` int32 -> ``out [R, KW * 32]`` of +-1 (0 past ``K``): int8 or fp8 as the in-register
+    ``MODE`` (``DOT_I8`` / ``DOT_F8``) of the two-pass mode (``InnerProduct.in_registers``)."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_w = tl.program_id(1) * BLOCK_KW + tl.arange(0, BLOCK_KW)
     offs_k = tl.program_id(1) * BLOCK_KW * 32 + tl.arange(0, BLOCK_KW * 32)
     rows = offs_r.to(tl.int64)
     words = tl.load(bits_ptr + rows[:, None] * KW + offs_w[None, :],
                     mask=(offs_r[:, None] < R) & (offs_w[None, :] < KW), other=0)
-    v = unpack_signs(words, (offs_k < K)[None, :], BLOCK_R, BLOCK_KW, MODE - 2, True)
+    v = unpack_signs(words, (offs_k < K)[None, :], BLOCK_R, BLOCK_KW, MODE, True)
     tl.store(out_ptr + rows[:, None] * (KW * 32) + offs_k[None, :], v,
              mask=(offs_r[:, None] < R) & (offs_k[None, :] < KW * 32))
 
@@ -67,7 +68,7 @@ def dense_gemm_kernel(a_ptr, b_ptr, out_ptr, scale_ptr, bias_ptr, res_ptr, M, N,
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (offs_m % M).to(tl.int64)[:, None] * KP + offs_k[None, :]
     b_ptrs = b_ptr + (offs_n % N).to(tl.int64)[:, None] * KP + offs_k[None, :]
-    if MODE == 4:
+    if MODE == MODE_DENSE_F8:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -75,7 +76,7 @@ def dense_gemm_kernel(a_ptr, b_ptr, out_ptr, scale_ptr, bias_ptr, res_ptr, M, N,
         kmask = (k0 + offs_k) < KP
         a = tl.load(a_ptrs, mask=kmask[None, :], other=0)
         b = tl.load(b_ptrs, mask=kmask[None, :], other=0)
-        if MODE == 4:
+        if MODE == MODE_DENSE_F8:
             a = a.to(tl.float8e4nv, bitcast=True)
             b = b.to(tl.float8e4nv, bitcast=True)
             acc += tl.dot(a, tl.trans(b), out_dtype=tl.float32)
@@ -107,7 +108,7 @@ def dense_conv_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, res_ptr, M, CO
     iw0 = ow * SW - PW
     w_rows = (offs_n % COUT).to(tl.int64) * (KH * KW * CP)
     n_chunks = tl.cdiv(CP, BLOCK_K)
-    if MODE == 4:
+    if MODE == MODE_DENSE_F8:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -122,10 +123,10 @@ def dense_conv_kernel(x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, res_ptr, M, CO
                     mask=valid[:, None] & cmask[None, :], other=0)
         if PAD_ONE:
             # +1 (int8 1, or e4m3 0x38) on the real channels of out-of-image taps
-            one = tl.where(cs < C, 0x38 if MODE == 4 else 1, 0).to(a.dtype)
+            one = tl.where(cs < C, 0x38 if MODE == MODE_DENSE_F8 else 1, 0).to(a.dtype)
             a = tl.where(valid[:, None], a, one[None, :])
         b = tl.load(w_ptr + (w_rows + tap * CP)[:, None] + cs[None, :], mask=cmask[None, :], other=0)
-        if MODE == 4:
+        if MODE == MODE_DENSE_F8:
             a = a.to(tl.float8e4nv, bitcast=True)
             b = b.to(tl.float8e4nv, bitcast=True)
             acc += tl.dot(a, tl.trans(b), out_dtype=tl.float32)

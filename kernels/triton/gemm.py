@@ -20,6 +20,9 @@ from ._common import (
     DOT_F8,
     DOT_I8,
     INTERPRET,
+    MODE_DOT_F8,
+    MODE_DOT_I8,
+    MODE_POPC,
     POPC,
     grouped_tile,
     popcount,
@@ -117,7 +120,7 @@ def packed_gemm_kernel(
     # ragged M/N: wrap the load rows (their results are masked at the store), no load masks on rows
     a_ptrs = a_ptr + (offs_m % M)[:, None] * KW + offs_kw[None, :]
     b_ptrs = b_ptr + (offs_n % N)[:, None] * KW + offs_kw[None, :]
-    if MODE == 2:
+    if MODE == MODE_DOT_F8:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -125,9 +128,9 @@ def packed_gemm_kernel(
         kmask = (kw0 + offs_kw) < KW
         a = tl.load(a_ptrs, mask=kmask[None, :], other=0)
         b = tl.load(b_ptrs, mask=kmask[None, :], other=0)
-        if MODE == 0:
+        if MODE == MODE_POPC:
             acc += tl.sum(popcount(a[:, None, :] ^ b[None, :, :], INTERPRET), axis=2)
-        elif MODE == 1:
+        elif MODE == MODE_DOT_I8:
             av = unpack_signs(a, None, BLOCK_M, BLOCK_KW, MODE, False)
             bv = unpack_signs(b, None, BLOCK_N, BLOCK_KW, MODE, False)
             acc += tl.dot(av, tl.trans(bv), out_dtype=tl.int32)
@@ -137,7 +140,7 @@ def packed_gemm_kernel(
             acc += tl.dot(av, tl.trans(bv), out_dtype=tl.float32)
         a_ptrs += BLOCK_KW
         b_ptrs += BLOCK_KW
-    if MODE == 0:
+    if MODE == MODE_POPC:
         res = K - 2 * acc
     else:
         extra = tl.cdiv(KW, BLOCK_KW) * BLOCK_KW * 32 - K

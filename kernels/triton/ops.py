@@ -21,7 +21,9 @@ import torch
 import triton
 from torch import Tensor
 
-from ..reference import conv_output_size, num_words
+from .. import ops as validate  # the one validation of every op's arguments
+from ..codes import InnerProduct
+from ..reference import num_words
 from ._common import DENSE_F8, DENSE_I8, DOT_F8, DOT_I8, INTERPRET, POPC
 from .conv import packed_conv_kernel, packed_conv_tuned
 from .dense import (
@@ -48,14 +50,11 @@ __all__ = [
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT32_MAX = 2**31 - 1
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _check_device(*tensors: Tensor | None) -> None:
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    device = devices.pop()
+    """The Triton-only condition (the rest is validated in ``kernels/ops.py``): CUDA, or the interpreter."""
+    device = next(t.device for t in tensors if t is not None)
     if device.type != "cuda" and not INTERPRET:
         raise ValueError(
             f"Triton kernels need CUDA tensors (got {device}); use the reference ops on CPU, or set "
@@ -63,25 +62,9 @@ def _check_device(*tensors: Tensor | None) -> None:
         )
 
 
-def _check_bits(t: Tensor, name: str, ndim: int) -> None:
-    if not isinstance(t, Tensor) or t.dtype != torch.int32:
-        raise TypeError(f"{name} must be an int32 tensor of packed sign words, got {getattr(t, 'dtype', t)}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+def _check_int32_indexing(t: Tensor, name: str) -> None:
     if t.numel() > _INT32_MAX:
         raise ValueError(f"{name} has {t.numel()} words; the kernels index with int32: split the batch")
-
-
-def _check_float(x: Tensor, name: str) -> None:
-    if not isinstance(x, Tensor) or x.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating point tensor, got {getattr(x, 'dtype', x)}")
-
-
-def _pair(v: int | Sequence[int], name: str, minimum: int) -> tuple[int, int]:
-    pair = (v, v) if isinstance(v, int) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(i, int) and i >= minimum for i in pair):
-        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {v!r}")
-    return pair
 
 
 def _epilogue_args(
@@ -93,24 +76,14 @@ def _epilogue_args(
     out_dtype: torch.dtype | None,
     device: torch.device,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, bool]:
-    """Validated epilogue operands (fp32 contiguous scale/bias, contiguous residual) and the output."""
+    """Epilogue operands as the kernels read them (fp32 contiguous scale/bias, contiguous residual; validated
+    by ``kernels/ops.py``) and the output. The kernels write float32/16 and bfloat16 (``kernels/ops.py`` runs
+    float64 through float32)."""
     raw = scale is None and bias is None and residual is None and out_dtype is None
     if out_dtype is not None and out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES} or None, got {out_dtype}")
-    vectors = []
-    for name, v in (("scale", scale), ("bias", bias)):
-        if v is not None:
-            _check_float(v, name)
-            if v.numel() != n:
-                raise ValueError(f"{name} must hold one value per output channel ({n}), got {tuple(v.shape)}")
-            v = v.reshape(n).to(torch.float32).contiguous()
-        vectors.append(v)
-    if residual is not None:
-        _check_float(residual, "residual")
-        if tuple(residual.shape) != out_shape:
-            raise ValueError(f"residual must have the output's shape {out_shape}, got {tuple(residual.shape)}"
-                             )
-        residual = residual.contiguous()
+        raise ValueError(f"the Triton kernels write out_dtype {_OUT_DTYPES} or None, got {out_dtype}")
+    vectors = [None if v is None else v.reshape(n).to(torch.float32).contiguous() for v in (scale, bias)]
+    residual = None if residual is None else residual.contiguous()
     if raw:
         out = torch.empty(out_shape, dtype=torch.int32, device=device)
     else:
@@ -145,7 +118,8 @@ def _unpack(bits: Tensor, k: int, mode: int) -> Tensor:
     if r:
         block_r, block_kw = (16, 2) if INTERPRET else (32, 4)
         grid = (triton.cdiv(r, block_r), triton.cdiv(kw, block_kw))
-        unpack_rows_kernel[grid](bits, out, r, k, kw, MODE=mode, BLOCK_R=block_r, BLOCK_KW=block_kw)
+        unpack_rows_kernel[grid](bits, out, r, k, kw, MODE=int(InnerProduct(mode).in_registers), BLOCK_R=block_r,
+                                 BLOCK_KW=block_kw)
     return out.view(torch.uint8) if mode == DENSE_F8 else out
 
 
@@ -194,10 +168,8 @@ def _auto_dense_mode() -> int | None:
 
 def triton_sign_pack(x: Tensor) -> Tensor:
     """``[..., K]`` float -> ``[..., ceil(K/32)]`` int32 sign words (bit = ``x < 0``, LSB first)."""
-    _check_float(x, "x")
+    validate.check_sign_pack(x)
     _check_device(x)
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last dim to pack, got shape {tuple(x.shape)}")
     k = x.shape[-1]
     kw = num_words(k)
     rows = x.reshape(-1, k)
@@ -218,10 +190,8 @@ def triton_sign_pack_nchw(x: Tensor) -> Tensor:
     A channels_last input is packed along its contiguous channels; a contiguous NCHW one by a kernel that
     reads along pixels, so neither makes an NHWC float copy.
     """
-    _check_float(x, "x")
+    validate.check_sign_pack_nchw(x)
     _check_device(x)
-    if x.dim() != 4 or x.shape[1] == 0:
-        raise ValueError(f"x must be [N, C, H, W] with C > 0, got shape {tuple(x.shape)}")
     if x.is_contiguous(memory_format=torch.channels_last):
         return triton_sign_pack(x.permute(0, 2, 3, 1))
     x = x.contiguous()
@@ -249,21 +219,13 @@ def triton_packed_linear(
 ) -> Tensor:
     """``x_bits [M, KW]`` (or ``[..., KW]``) times ``w_bits [N, KW]`` over ``k`` bits -> ``[M, N]``
     (``[..., N]``): int32 dot products of +-1, or ``acc * scale + bias + residual`` in ``out_dtype``."""
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int (the number of packed bits), got {k!r}")
-    _check_bits(w_bits, "w_bits", 2)
-    if not isinstance(x_bits, Tensor) or x_bits.dim() < 1:
-        raise ValueError("x_bits must be a tensor [..., KW] of packed sign words")
+    validate.linear_shape(x_bits, w_bits, k, scale, bias, residual, out_dtype)
     lead = tuple(x_bits.shape[:-1])
     a = x_bits.reshape(-1, x_bits.shape[-1])
-    _check_bits(a, "x_bits", 2)
+    _check_int32_indexing(a, "x_bits")
+    _check_int32_indexing(w_bits, "w_bits")
     _check_device(a, w_bits, scale, bias, residual)
     kw = num_words(k)
-    if a.shape[1] != kw or w_bits.shape[1] != kw:
-        raise ValueError(
-            f"k={k} bits need {kw} words per row; got x_bits {tuple(x_bits.shape)}, "
-            f"w_bits {tuple(w_bits.shape)}"
-        )
     m, n = a.shape[0], w_bits.shape[0]
     if m * n > _INT32_MAX:
         raise ValueError(f"output of {m}x{n} exceeds int32 indexing; split the batch")
@@ -324,26 +286,16 @@ def triton_packed_conv2d(
     """Binary conv2d on packed NHWC signs: ``x_bits [N, H, W, CW]``, ``w_bits [Cout, KH, KW, CW]`` ->
     NHWC ``[N, Ho, Wo, Cout]``. ``pad_value=0``: padded taps contribute 0 (``F.conv2d`` on ``sign(x)``);
     ``pad_value=1``: the padded input is +1. ``residual`` is NHWC ``[N, Ho, Wo, Cout]``."""
-    _check_bits(x_bits, "x_bits", 4)
-    _check_bits(w_bits, "w_bits", 4)
+    (sh, sw), (ph, pw), (dh, dw) = (validate.pair(stride, "stride", 1), validate.pair(padding, "padding", 0),
+                                    validate.pair(dilation, "dilation", 1))
+    n, ho, wo, cout = validate.conv_shape(x_bits, w_bits, in_channels, (sh, sw), (ph, pw), (dh, dw), pad_value, scale,
+                                          bias, residual, out_dtype)
+    _check_int32_indexing(x_bits, "x_bits")
+    _check_int32_indexing(w_bits, "w_bits")
     _check_device(x_bits, w_bits, scale, bias, residual)
-    if not isinstance(in_channels, int) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     cw = num_words(in_channels)
-    if x_bits.shape[3] != cw or w_bits.shape[3] != cw:
-        raise ValueError(
-            f"in_channels={in_channels} needs {cw} words per pixel; got x_bits {tuple(x_bits.shape)}, "
-            f"w_bits {tuple(w_bits.shape)} (packed NHWC input and [Cout, KH, KW, CW] weights)"
-        )
-    if pad_value not in (0, 1):
-        raise ValueError(f"pad_value must be 0 or 1, got {pad_value!r}")
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(
-        dilation, "dilation", 1)
-    n, h, w, _ = x_bits.shape
-    cout, kh, kw_, _ = w_bits.shape
-    ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw_, sw, pw, dw)
-    if ho < 1 or wo < 1:
-        raise ValueError(f"the {kh}x{kw_} kernel (dilation {dilation}) does not fit the padded {h}x{w} input")
+    _, h, w, _ = x_bits.shape
+    _, kh, kw_, _ = w_bits.shape
     m = n * ho * wo
     if m * cout > _INT32_MAX:
         raise ValueError(f"output of {m}x{cout} exceeds int32 indexing; split the batch")

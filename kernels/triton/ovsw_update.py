@@ -90,13 +90,19 @@ def _check(name: str, t: Tensor | None, dtype: torch.dtype, numel: int | None = 
         raise ValueError(f"{name}: need a contiguous {dtype} tensor of {numel} elements, got {t.dtype} {tuple(t.shape)}")
 
 
-def triton_ags_scale_(layout, weights: Tensor, grad: Tensor, delta: float) -> Tensor:
-    """Triton ``ags_scale_`` (see ``lightning_ovsw.callbacks._update``)."""
-    _check("weights", weights, torch.float32, layout.numel)
-    _check("grad", grad, torch.float32, layout.numel)
-    ratio = torch.empty(layout.rows, dtype=torch.float32, device=grad.device)
-    block = min(1024, triton.next_power_of_2(max(int(layout.groups[-1][3]), 16)))
-    ags_rows_kernel[(layout.rows,)](weights, grad, layout.row_starts, layout.row_lengths, ratio, float(delta), BLOCK=block)
+def triton_ags_scale_(weights: Tensor, grad: Tensor, row_starts: Tensor, row_lengths: Tensor, max_row_length: int,
+                      delta: float) -> Tensor:
+    """Triton ``ags_scale_`` (see ``lightning_ovsw.callbacks._update``) on the flat float32 ``weights`` /
+    ``grad``: row ``r`` is ``[row_starts[r], row_starts[r] + row_lengths[r])`` (int64 tensors on their device),
+    ``max_row_length`` the longest row (sizes the block). Returns the per-row ratio ``||G[r]|| / ||W[r]||``."""
+    _check("weights", weights, torch.float32)
+    _check("grad", grad, torch.float32, weights.numel())
+    rows = row_starts.numel()
+    _check("row_starts", row_starts, torch.int64)
+    _check("row_lengths", row_lengths, torch.int64, rows)
+    ratio = torch.empty(rows, dtype=torch.float32, device=grad.device)
+    block = min(1024, triton.next_power_of_2(max(int(max_row_length), 16)))
+    ags_rows_kernel[(rows,)](weights, grad, row_starts, row_lengths, ratio, float(delta), BLOCK=block)
     return ratio
 
 

@@ -23,7 +23,8 @@ def ags_scale_(layout: FlatLayout, weights: Tensor, grad: Tensor, delta: float) 
     if wants_triton(grad) and grad.dtype == torch.float32:  # float64 models take the PyTorch path
         from lightning_ovsw.kernels.triton.ovsw_update import triton_ags_scale_
 
-        return triton_ags_scale_(layout, weights, grad, delta)
+        return triton_ags_scale_(weights, grad, layout.row_starts, layout.row_lengths,
+                                 max(k for *_, k in layout.groups), delta)
     return torch_ags_scale_(layout, weights, grad, delta)
 
 

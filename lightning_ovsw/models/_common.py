@@ -48,6 +48,5 @@ class LayerFactory:
 
     def linear(self, in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
         if self.binary:
-            options = {k: v for k, v in self.options.items() if k != "pad_value"}
-            return BinaryLinear(in_features, out_features, bias, **options)
+            return BinaryLinear(in_features, out_features, bias, **self.options)
         return nn.Linear(in_features, out_features, bias)
