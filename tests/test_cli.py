@@ -245,3 +245,32 @@ def test_flip_analysis_on_short_vanilla_and_ovsw_runs(tmp_path, monkeypatch):
         assert 0 <= flips.min() and flips.max() <= steps[name]  # at most one flip per optimizer step
         assert row["never_flipped_share"] == pytest.approx(float((flips == 0).double().mean()))
     assert Path("fa.png").stat().st_size > 0 and json.loads(Path("fa.json").read_text())["meta"]["command"]
+
+
+def test_help_describes_the_project_and_lists_data_modules(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    top = capsys.readouterr().out
+    assert "OvSW" in top and "cifar10_resnet20" in top
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    fit_help = capsys.readouterr().out
+    for name in ("CIFAR10DataModule", "ImageFolderDataModule", "SyntheticDataModule"):
+        assert name in fit_help
+    assert "SGD momentum" in fit_help and "resnet20_1w1a" in fit_help
+
+
+def test_resume_continues_in_the_same_version(tmp_path):
+    from lightning_ovsw.cli import resumed_version
+
+    assert resumed_version(str(tmp_path / "runs/x/version_3/checkpoints/last.ckpt")) == 3
+    assert resumed_version(str(tmp_path / "elsewhere/last.ckpt")) is None and resumed_version("last") is None
+    common = ["fit", *CPU, *_synthetic(8), "--model.model=resnet20_1w1a", "--trainer.max_epochs=1",
+              "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+              f"--trainer.logger.save_dir={tmp_path}", "--trainer.logger.name=run",
+              "--trainer.enable_progress_bar=false"]
+    main(common)
+    ckpt = next((tmp_path / "run" / "version_0" / "checkpoints").glob("*.ckpt"))
+    main([*common[:-1], "--trainer.max_epochs=2", f"--ckpt_path={ckpt}", "--trainer.enable_progress_bar=false"])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["version_0"]
