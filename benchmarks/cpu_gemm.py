@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _machine import cpu_name
 from lightning_ovsw.kernels import cpu, ops
 
 RESULTS = Path(__file__).parent / "results"
@@ -52,14 +53,6 @@ CONV_SHAPES = [
 LINEAR_SHAPES = [(1, 512, 1000), (16, 4096, 4096)]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def medians(fns: dict[str, Callable[[], object]], repeats: int, rounds: int = 3) -> dict[str, float]:

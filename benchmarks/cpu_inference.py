@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from _machine import cpu_name
 from torch import nn
 from torch.fx.experimental import optimization as fx_optimization
 
@@ -155,14 +156,6 @@ def layer_profile(model: nn.Module, x: torch.Tensor, repeats: int) -> list[dict]
     return rows
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def kernel_info() -> str:

@@ -43,6 +43,7 @@ from typing import Any
 import safetensors
 import torch
 import torchvision
+from _machine import cpu_name
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -230,15 +231,6 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def cpu_name() -> str:
-    """The CPU model (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
