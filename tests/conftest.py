@@ -5,6 +5,7 @@ Without CUDA, Triton kernels run under the interpreter; the variable must be set
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -19,3 +20,9 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    """Tests call the CLI with ``args=[...]``; pytest's own flags in ``sys.argv`` would make LightningCLI warn."""
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])
