@@ -53,8 +53,6 @@ CONV_SHAPES = [
 LINEAR_SHAPES = [(1, 512, 1000), (16, 4096, 4096)]
 
 
-
-
 def medians(fns: dict[str, Callable[[], object]], repeats: int, rounds: int = 3) -> dict[str, float]:
     """Median seconds per call of each function (and the minimum, as ``<name>@min``: on shared cores the
     less disturbed estimate). Timed in blocks of consecutive calls, the blocks alternating over a few rounds,

@@ -156,8 +156,6 @@ def layer_profile(model: nn.Module, x: torch.Tensor, repeats: int) -> list[dict]
     return rows
 
 
-
-
 def kernel_info() -> str:
     """What the ovsw ops run on here: the C++ microkernel family, or the reference and why."""
     from lightning_ovsw.kernels import cpu

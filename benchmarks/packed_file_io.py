@@ -231,7 +231,5 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-
-
 if __name__ == "__main__":
     main()
