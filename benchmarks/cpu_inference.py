@@ -36,8 +36,8 @@ import lightning_ovsw
 from lightning_ovsw.export import export_packed, load_exported
 from lightning_ovsw.io import save_packed
 from lightning_ovsw.layers import BinaryConv2d, BinaryLinear
-from lightning_ovsw.pack import pack_model
-from lightning_ovsw.packed import PackedConv2d, PackedLinear, packed_nbytes
+from lightning_ovsw.packed_layers import PackedConv2d, PackedLinear, packed_nbytes
+from lightning_ovsw.packing import pack_model
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -93,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     args.batches = args.batches or ([256] if quick() else [64, 256])
     refuse_without_gpu()
-    from lightning_ovsw.kernels.triton import ops
+    from lightning_ovsw.kernels.triton import launch as ops
 
     torch.backends.cudnn.benchmark = True
     rows = [bench_shape(ops, batch, *shape) for batch in args.batches for shape in RESNET18_CONVS]

@@ -49,7 +49,7 @@ from torch import nn
 
 import lightning_ovsw
 from lightning_ovsw.io import load_packed, read_packed, save_packed
-from lightning_ovsw.pack import pack_model
+from lightning_ovsw.packing import pack_model
 
 RESULTS = Path(__file__).parent / "results"
 SAVES = ("save_packed", "torch.save", "safetensors.save_file")

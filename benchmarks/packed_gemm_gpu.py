@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="default path only, fewer repetitions")
     args = parser.parse_args()
     refuse_without_gpu()
-    from lightning_ovsw.kernels.triton import ops
+    from lightning_ovsw.kernels.triton import launch as ops
 
     rows = square_gemm(ops, args.size)
     for batch in args.batches:

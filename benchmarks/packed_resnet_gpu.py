@@ -4,7 +4,7 @@ The paper's ImageNet ResNet-18 (``lightning_ovsw.models.resnet18_1w1a``, 224x224
 (16 binary convs as Triton packed convs with folded BatchNorm, fused residual and hardtanh; stem, 1x1
 shortcut convs and classifier in bf16) against the ``binary=False`` twin (every conv a float conv) in
 bf16, channels_last, cuDNN with ``cudnn.benchmark``. Both run eagerly and replayed from a CUDA graph
-(the packed model after ``lightning_ovsw.packed.warmup``), at batch 256 and 1. Reports img/s, latency,
+(the packed model after ``lightning_ovsw.packed_layers.warmup``), at batch 256 and 1. Reports img/s, latency,
 the speed ratio (target >= 1.3x at batch 256, CUDA graphs) and the weight memory (packed bytes vs the
 twin's bf16 bytes; target >= 16x smaller).
 
@@ -96,8 +96,8 @@ def time_ms(fn: Callable[[], object], iters: int, chunks: int) -> float:
 
 def graphed(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """``model(x)`` captured in a CUDA graph after warm-up runs on a side stream (which also tune the packed
-    kernels for this shape, see ``lightning_ovsw.packed.warmup``); returns the replay."""
-    from lightning_ovsw.packed import warmup
+    kernels for this shape, see ``lightning_ovsw.packed_layers.warmup``); returns the replay."""
+    from lightning_ovsw.packed_layers import warmup
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -125,7 +125,7 @@ def bench_batch(models: dict[str, nn.Module], batch: int, size: int, quick: bool
 
 
 def weight_bytes(packed: nn.Module, twin: nn.Module) -> dict:
-    from lightning_ovsw.packed import PackedConv2d, PackedLinear, packed_nbytes
+    from lightning_ovsw.packed_layers import PackedConv2d, PackedLinear, packed_nbytes
 
     binary = [m for m in packed.modules() if isinstance(m, (PackedConv2d, PackedLinear))]
     bits = sum(m.weight_bits.numel() * 4 for m in binary)
@@ -151,7 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     refuse_without_gpu()
     from lightning_ovsw.models import resnet18_1w1a
-    from lightning_ovsw.pack import pack_model
+    from lightning_ovsw.packing import pack_model
 
     torch.manual_seed(0)
     torch.set_grad_enabled(False)

@@ -24,7 +24,7 @@ def export(path: str) -> None:
 
     from lightning_ovsw.export import export_packed
     from lightning_ovsw.io import save_packed
-    from lightning_ovsw.pack import pack_model
+    from lightning_ovsw.packing import pack_model
 
     try:
         from lightning_ovsw.models import resnet18_1w1a

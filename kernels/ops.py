@@ -18,7 +18,7 @@ program runs in any process that imports ``lightning_ovsw.kernels.ops``. Dispatc
 popcount kernels (``kernels/cpu``, built on first use by a Python CPU kernel that then gives way to the
 C++ ones, registered with ``TORCH_LIBRARY_IMPL``), or the reference when the extension could not be built
 (with one warning that says why); CUDA tensors run the Triton kernels
-(``lightning_ovsw.kernels.triton.ops``), or the reference if Triton cannot be imported; other devices run
+(``lightning_ovsw.kernels.triton.launch``), or the reference if Triton cannot be imported; other devices run
 the reference. Without ``scale``, ``bias``, ``residual`` and ``out_dtype`` the ops return the raw int32
 accumulator ``dot(sign(x), sign(w))``; otherwise ``acc * scale + bias + residual`` (float32) in
 ``out_dtype`` (float32 if None).
@@ -68,7 +68,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # ----------------------------------------------------------------------------------------- validation
 # The one validation of each op's arguments: every kernel (reference, Triton, fake) runs behind it, and
-# ``kernels/triton/ops.py`` calls it for direct callers; those add only their own limits.
+# ``kernels/triton/launch.py`` calls it for direct callers; those add only their own limits.
 def _check_bits(t: Tensor, name: str, ndim: int | None) -> None:
     if not isinstance(t, Tensor) or t.dtype != torch.int32:
         raise TypeError(
@@ -200,9 +200,9 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def _triton_backend():
-    """``lightning_ovsw.kernels.triton.ops``, or None (warned once) when it cannot be imported."""
+    """``lightning_ovsw.kernels.triton.launch``, or None (warned once) when it cannot be imported."""
     try:
-        from .triton import ops as triton_ops
+        from .triton import launch as triton_ops
     except Exception as err:  # noqa: BLE001  (any import failure means: use the reference)
         _warn_once("cuda", f"lightning_ovsw: the Triton kernels cannot be imported ({err!r}); the ovsw ops "
                            "run on the slow PyTorch reference path on CUDA.")

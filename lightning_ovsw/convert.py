@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear, BinaryOptions
-from lightning_ovsw.registry import binary_layers
+from lightning_ovsw.layers import BinaryConv2d, BinaryLinear, BinaryOptions
+from lightning_ovsw.registry import binary_layers, full_precision_layers, packed_layers
 
 FilterFn = Callable[[nn.Module, str], bool]
 ActivationPolicy = Literal["hardtanh", "keep", "error"]
@@ -568,14 +568,18 @@ def _binary_packed_bytes(layer: nn.Module) -> int:
 def binarization_summary(model: nn.Module, example_input: torch.Tensor | tuple[int, ...] | None = None) -> BinarizationSummary:
     """Summarize a binarized (or packed) model. MACs of convolutions need ``example_input`` (a tensor or
     an input shape); they are counted with forward hooks on one eval-mode forward."""
-    from lightning_ovsw.packed import PackedConv2d, PackedLinear, packed_nbytes
+    from lightning_ovsw.packed_layers import PackedLinear, packed_nbytes
 
+    packed_ids = {id(m) for _, m in packed_layers(model)}
+    binary_ids = {id(m) for _, m in binary_layers(model)}
+    float_ids = {id(m) for _, m in full_precision_layers(model)}
+    layer_ids = packed_ids | binary_ids | float_ids
     macs: dict[str, int] = {}
     if example_input is not None:
         x = torch.zeros(example_input) if isinstance(example_input, tuple) else example_input
         hooks = []
         for name, m in model.named_modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear, PackedConv2d, PackedLinear)):
+            if id(m) in layer_ids:
                 def hook(mod, inp, out, name=name):
                     k = (mod.weight[0].numel() if hasattr(mod, "weight") and mod.weight is not None
                          else mod.in_features if isinstance(mod, PackedLinear)
@@ -591,16 +595,15 @@ def binarization_summary(model: nn.Module, example_input: torch.Tensor | tuple[i
             for h in hooks:
                 h.remove()
     report = getattr(model, "binarization_report", None) or ConversionReport()
-    binary = {id(m) for _, m in binary_layers(model)}
     rows, binary_macs, total_macs = [], 0, 0
     for name, m in model.named_modules():
-        if isinstance(m, (PackedConv2d, PackedLinear)):
+        if id(m) in packed_ids:
             kind, precision, size = type(m).__name__, "1-bit", packed_nbytes(m)
             params = sum(b.numel() for b in m.buffers())
-        elif id(m) in binary:
+        elif id(m) in binary_ids:
             kind, precision, size = type(m).__name__, "1-bit", _binary_packed_bytes(m)
             params = sum(p.numel() for p in m.parameters(recurse=False))
-        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+        elif id(m) in float_ids:
             kind, precision = type(m).__name__, str(m.weight.dtype).replace("torch.", "")
             params = sum(_numel(p) for p in m.parameters(recurse=False))
             size = sum(_nbytes(p) for p in m.parameters(recurse=False))
@@ -614,8 +617,8 @@ def binarization_summary(model: nn.Module, example_input: torch.Tensor | tuple[i
     latent = sum(_numel(t) * 4 for t in model.parameters()) + sum(
         _nbytes(b) for n, b in model.named_buffers() if "running" in n
     )
-    layer_ids = {id(t) for _, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, BinaryLayer,
-                 PackedConv2d, PackedLinear)) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
-    others = sum(_nbytes(t) for t in [*model.parameters(), *model.buffers()] if id(t) not in layer_ids)
+    layer_tensors = {id(t) for _, m in model.named_modules() if id(m) in layer_ids
+                     for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
+    others = sum(_nbytes(t) for t in [*model.parameters(), *model.buffers()] if id(t) not in layer_tensors)
     packed = sum(r.packed_bytes for r in rows) + others
     return BinarizationSummary(rows, latent, packed, binary_macs, total_macs, report.notes())

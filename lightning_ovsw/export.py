@@ -19,7 +19,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from lightning_ovsw.packed import PackedConv2d, PackedLinear
+from lightning_ovsw.packed_layers import PackedConv2d, PackedLinear
 
 
 def export_packed(
@@ -40,7 +40,7 @@ def export_packed(
         raise TypeError(f"export_packed expects an nn.Module, got {type(model).__name__}.")
     if not any(isinstance(m, (PackedConv2d, PackedLinear)) for m in model.modules()):
         raise ValueError(
-            "export_packed expects a packed model; call lightning_ovsw.pack.pack_model(model) first."
+            "export_packed expects a packed model; call lightning_ovsw.packing.pack_model(model) first."
         )
     if not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a Tensor, got {type(example_input).__name__}.")

@@ -50,9 +50,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import lightning_ovsw
-from lightning_ovsw.layers import BinaryLayer
-from lightning_ovsw.pack import pack_model
-from lightning_ovsw.packed import PackedConv2d, PackedLinear
+from lightning_ovsw.packed_layers import PackedConv2d, PackedLinear
+from lightning_ovsw.packing import pack_model
+from lightning_ovsw.registry import binary_layers, full_precision_layers, packed_layers
 
 FORMAT = "lightning-ovsw-packed"
 FORMAT_VERSION = 2
@@ -79,21 +79,19 @@ _MODULE_FIELDS = {
 def _module_configs(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Configuration of every packed layer, JSON-ready (tuples become lists)."""
     configs = {}
-    for name, m in model.named_modules():
-        fields = _MODULE_FIELDS.get(type(m))
-        if fields is not None:
-            configs[name] = {"type": type(m).__name__} | {
-                f: list(v) if isinstance(v, tuple) else v for f, v in ((f, getattr(m, f)) for f in fields)
-            }
+    for name, m in packed_layers(model):
+        fields = _MODULE_FIELDS[type(m)]
+        configs[name] = {"type": type(m).__name__} | {
+            f: list(v) if isinstance(v, tuple) else v for f, v in ((f, getattr(m, f)) for f in fields)
+        }
     return configs
 
 
 def _float_layer_keys(model: nn.Module) -> set[str]:
     """State keys of the full-precision conv / linear layers (the tensors ``float_dtype`` may shrink)."""
     keys = set()
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.Conv1d)) and not isinstance(m, BinaryLayer):
-            keys.update(f"{name}.{p}" if name else p for p, _ in m.named_parameters(recurse=False))
+    for name, m in full_precision_layers(model):
+        keys.update(f"{name}.{p}" if name else p for p, _ in m.named_parameters(recurse=False))
     return keys
 
 
@@ -135,7 +133,7 @@ def save_packed(
     configs = _module_configs(model)
     if not configs:
         raise ValueError(
-            "save_packed expects a packed model; call lightning_ovsw.pack.pack_model(model) first."
+            "save_packed expects a packed model; call lightning_ovsw.packing.pack_model(model) first."
         )
     if float_dtype not in (None, *_FLOAT_DTYPES.values()):
         raise ValueError(
@@ -400,9 +398,9 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             f"load_packed expects the target nn.Module as second argument, got {type(model).__name__}."
         )
     tensors, header = read_packed(path)
-    if _module_configs(model):
+    if packed_layers(model):
         target = model
-    elif any(isinstance(m, BinaryLayer) for m in model.modules()):
+    elif binary_layers(model):
         options = header["pack_options"]
         if options is None:
             raise _bad(path, "the file records no pack_model options, so a binarized model cannot be packed "

@@ -17,8 +17,8 @@ import torchvision
 from torch import nn
 
 from lightning_ovsw import binarize_model
-from lightning_ovsw.pack import pack_model
-from lightning_ovsw.packed import PackedConv2d, PackedLinear
+from lightning_ovsw.packed_layers import PackedConv2d, PackedLinear
+from lightning_ovsw.packing import pack_model
 from lightning_ovsw.registry import binary_layers
 
 # (name, input size, slow): the smallest input each architecture takes (inception_v3: 75x75)

@@ -12,7 +12,7 @@ from lightning_ovsw.kernels.cpu import load_extension
 from test_pack import SmallNet, with_bn_statistics
 
 from lightning_ovsw.export import export_packed, load_exported
-from lightning_ovsw.pack import pack_model
+from lightning_ovsw.packing import pack_model
 
 # A fresh interpreter that may import torch and the ops, but not Lightning nor the test's model class.
 RUNNER = textwrap.dedent(

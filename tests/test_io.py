@@ -22,8 +22,8 @@ from torch import nn
 
 import lightning_ovsw.io as ovsw_io
 from lightning_ovsw.io import MAGIC, load_packed, read_packed, save_packed
-from lightning_ovsw.pack import pack_model
-from lightning_ovsw.packed import PackedConv2d
+from lightning_ovsw.packed_layers import PackedConv2d
+from lightning_ovsw.packing import pack_model
 
 BITS = "conv1.weight_bits"
 

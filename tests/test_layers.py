@@ -126,7 +126,7 @@ def test_unbatched_conv_input_is_one_sample_of_the_batched_call(training):
 
 
 def test_packed_conv_unbatched_input():
-    from lightning_ovsw.packed import PackedConv2d
+    from lightning_ovsw.packed_layers import PackedConv2d
 
     layer = BinaryConv2d(3, 6, 3, padding=1, bias=True).eval()
     packed = PackedConv2d.from_binary(layer)
@@ -143,7 +143,7 @@ def test_packed_conv_unbatched_input():
 def test_one_element_rows_get_alpha_one(make):
     """A one-element row has no variance; alpha is defined as 1 (training, eval and packed alike), and a
     one-element sample is not standardized."""
-    from lightning_ovsw.pack import pack_model
+    from lightning_ovsw.packing import pack_model
 
     layer = make()
     assert torch.equal(layer.scale_factor(), torch.ones(4, dtype=torch.float64))

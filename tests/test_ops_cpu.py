@@ -311,7 +311,7 @@ def test_cuda_dispatch_glue_under_the_triton_interpreter():
     without CUDA). On a GPU the same functions run compiled; ``test_triton_cuda.py`` covers the kernels."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 (set by conftest when there is no CUDA)")
-    tri = pytest.importorskip("lightning_ovsw.kernels.triton.ops")
+    tri = pytest.importorskip("lightning_ovsw.kernels.triton.launch")
     x_bits, w_bits = ref.sign_pack(signs(3, 40)), ref.sign_pack(signs(5, 40))
     cx, cw = ref.sign_pack(signs(1, 5, 4, 33)), ref.sign_pack(signs(6, 3, 3, 33))
     scale, bias = torch.rand(6) - 0.3, torch.randn(6)

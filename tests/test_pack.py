@@ -14,8 +14,8 @@ from torch import nn
 from lightning_ovsw.convert import binarize_model
 from lightning_ovsw.layers import BinaryConv2d, BinaryLinear
 from lightning_ovsw.models import MODELS
-from lightning_ovsw.pack import pack_model
-from lightning_ovsw.packed import PackedConv2d, PackedLinear, packed_nbytes
+from lightning_ovsw.packed_layers import PackedConv2d, PackedLinear, packed_nbytes
+from lightning_ovsw.packing import pack_model
 from lightning_ovsw.registry import binary_layers
 
 

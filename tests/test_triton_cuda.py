@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 if torch.cuda.is_available():
     from lightning_ovsw.kernels import reference
-    from lightning_ovsw.kernels.triton import ops
+    from lightning_ovsw.kernels.triton import launch as ops
 
     MODES = [None, ops.POPC, ops.DOT_I8, ops.DENSE_I8]
     if torch.cuda.get_device_capability() >= (8, 9):
@@ -151,8 +151,8 @@ def test_packed_resnet_replays_in_a_cuda_graph() -> None:
     """After ``warmup`` (autotuning, two-pass timing) a packed ResNet-18 captures in a CUDA graph, and
     replays on new inputs equal the eager forward bit for bit (the same cached kernels run)."""
     from lightning_ovsw.models import resnet18_1w1a
-    from lightning_ovsw.pack import pack_model
-    from lightning_ovsw.packed import warmup
+    from lightning_ovsw.packed_layers import warmup
+    from lightning_ovsw.packing import pack_model
 
     cl = torch.channels_last
     packed_model = pack_model(resnet18_1w1a(num_classes=10).cuda()).to(memory_format=cl)  # packed by Triton

@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 from lightning_ovsw.kernels import reference  # noqa: E402
-from lightning_ovsw.kernels.triton import conv, dense, gemm, ops  # noqa: E402
+from lightning_ovsw.kernels.triton import conv, dense, gemm, launch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-MODES = [ops.POPC, ops.DOT_I8, ops.DOT_F8, ops.DENSE_I8, ops.DENSE_F8]
+MODES = [launch.POPC, launch.DOT_I8, launch.DOT_F8, launch.DENSE_I8, launch.DENSE_F8]
 if DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
-    MODES = [m for m in MODES if m not in (ops.DOT_F8, ops.DENSE_F8)]
+    MODES = [m for m in MODES if m not in (launch.DOT_F8, launch.DENSE_F8)]
 # one small pinned config per mode (the configs the interpreter autotunes over)
 GEMM_CONFIGS = {**gemm.INTERPRET_CONFIGS, **dense.INTERPRET_CONFIGS}
 CONV_CONFIGS = {**conv.INTERPRET_CONFIGS, **dense.INTERPRET_CONFIGS}
@@ -54,7 +54,7 @@ def packed(*shape: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_sign_pack_matches_reference(k: int, dtype: torch.dtype) -> None:
     x = signs(3, 5, k).to(dtype)
-    out = ops.triton_sign_pack(x)
+    out = launch.triton_sign_pack(x)
     assert out.dtype == torch.int32 and out.shape == (3, 5, reference.num_words(k))
     assert torch.equal(out, reference.sign_pack(x))
 
@@ -62,11 +62,11 @@ def test_sign_pack_matches_reference(k: int, dtype: torch.dtype) -> None:
 def test_sign_pack_special_values_and_strided_input() -> None:
     x = torch.tensor([[-0.0, 0.0, -1e-30, float("inf"), float("-inf"), float("nan"), 1.0, -2.0]] * 3)
     x = x.to(DEVICE)
-    out = ops.triton_sign_pack(x)
+    out = launch.triton_sign_pack(x)
     # bits (LSB first): -0.0 -> 0, 0 -> 0, -1e-30 -> 1, inf -> 0, -inf -> 1, nan -> 0, 1 -> 0, -2 -> 1
     assert out.tolist() == [[0b10010100]] * 3
     wide = signs(40, 70)
-    assert torch.equal(ops.triton_sign_pack(wide[::3, 1:66]), reference.sign_pack(wide[::3, 1:66]))
+    assert torch.equal(launch.triton_sign_pack(wide[::3, 1:66]), reference.sign_pack(wide[::3, 1:66]))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -75,7 +75,7 @@ def test_sign_pack_nchw_to_nhwc(c: int, channels_last: bool) -> None:
     x = signs(2, c, 5, 3)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    assert torch.equal(ops.triton_sign_pack_nchw(x), reference.sign_pack(x.permute(0, 2, 3, 1)))
+    assert torch.equal(launch.triton_sign_pack_nchw(x), reference.sign_pack(x.permute(0, 2, 3, 1)))
 
 
 # --------------------------------------------------------------------------- packed GEMM / linear
@@ -86,7 +86,7 @@ def test_sign_pack_nchw_to_nhwc(c: int, channels_last: bool) -> None:
 @pytest.mark.parametrize(("m", "n"), [(1, 1), (17, 5), (33, 40)])
 def test_packed_gemm_exact(mode: int, k: int, m: int, n: int) -> None:
     a, b = packed(m, k), packed(n, k)
-    out = ops.triton_packed_linear(a, b, k, config=GEMM_CONFIGS[mode])
+    out = launch.triton_packed_linear(a, b, k, config=GEMM_CONFIGS[mode])
     assert out.dtype == torch.int32
     assert torch.equal(out, reference.packed_gemm(a, b, k))
 
@@ -97,7 +97,7 @@ def test_packed_gemm_extremes_all_modes() -> None:
     ones = reference.sign_pack(torch.ones(20, k, device=DEVICE))
     neg = reference.sign_pack(-torch.ones(18, k, device=DEVICE))
     for mode in MODES:
-        out = ops.triton_packed_linear(ones, torch.cat([ones[:9], neg[:9]]), k, config=GEMM_CONFIGS[mode])
+        out = launch.triton_packed_linear(ones, torch.cat([ones[:9], neg[:9]]), k, config=GEMM_CONFIGS[mode])
         assert (out[:, :9] == k).all() and (out[:, 9:] == -k).all()
 
 
@@ -105,12 +105,12 @@ def test_packed_gemm_extremes_all_modes() -> None:
 @given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(1, 300), mode=st.sampled_from(MODES))
 def test_packed_gemm_random_shapes(m: int, n: int, k: int, mode: int) -> None:
     a, b = packed(m, k), packed(n, k)
-    assert torch.equal(ops.triton_packed_linear(a, b, k, mode=mode), reference.packed_gemm(a, b, k))
+    assert torch.equal(launch.triton_packed_linear(a, b, k, mode=mode), reference.packed_gemm(a, b, k))
 
 
 def test_packed_linear_autotuned_default_and_batch_dims() -> None:
     a, b = packed(2, 3, 70), packed(9, 70)
-    out = ops.triton_packed_linear(a, b, 70)
+    out = launch.triton_packed_linear(a, b, 70)
     assert out.shape == (2, 3, 9)
     assert torch.equal(out, reference.packed_gemm(a, b, 70))
 
@@ -124,7 +124,7 @@ def test_packed_linear_epilogue(mode: int, out_dtype: torch.dtype | None, parts:
     scale = torch.rand(n, device=DEVICE) if parts in ("scale", "all") else None
     bias = torch.randn(n, device=DEVICE) if parts in ("bias", "all") else None
     residual = torch.randn(m, n, device=DEVICE).to(torch.bfloat16) if parts in ("residual", "all") else None
-    out = ops.triton_packed_linear(a, b, k, scale, bias, residual, out_dtype, config=GEMM_CONFIGS[mode])
+    out = launch.triton_packed_linear(a, b, k, scale, bias, residual, out_dtype, config=GEMM_CONFIGS[mode])
     ref = reference.packed_linear(a, b, k, scale, bias, residual, out_dtype)
     assert out.dtype == ref.dtype and out.shape == ref.shape
     if ref.dtype == torch.int32:
@@ -141,7 +141,7 @@ def check_conv(n, c, h, w, cout, kh, kw, stride, padding, dilation, pad_value, m
     xb, wb = packed(n, h, w, c), packed(cout, kh, kw, c)
     args = (xb, wb, c, stride, padding, dilation, pad_value)
     ref = reference.packed_conv2d(*args, **epilogue)
-    out = ops.triton_packed_conv2d(*args, **epilogue, config=CONV_CONFIGS[mode])
+    out = launch.triton_packed_conv2d(*args, **epilogue, config=CONV_CONFIGS[mode])
     assert out.shape == ref.shape and out.dtype == ref.dtype
     if ref.dtype == torch.int32:
         assert torch.equal(out, ref)
@@ -201,7 +201,7 @@ def test_packed_conv2d_epilogue(mode: int, out_dtype: torch.dtype) -> None:
 
 def test_packed_conv2d_autotuned_default_and_int_arguments() -> None:
     xb, wb = packed(1, 5, 5, 20), packed(7, 3, 3, 20)
-    out = ops.triton_packed_conv2d(xb, wb, 20, 1, 1, 1, 1)
+    out = launch.triton_packed_conv2d(xb, wb, 20, 1, 1, 1, 1)
     assert torch.equal(out, reference.packed_conv2d(xb, wb, 20, (1, 1), (1, 1), (1, 1), 1))
 
 
@@ -213,23 +213,23 @@ def test_capture_needs_a_warmed_shape(monkeypatch) -> None:
     kernels); after one eager run the same shape launches from the cache and stays exact."""
     xb, wb = packed(2, 6, 6, 50), packed(9, 3, 3, 50)
     a, b = packed(11, 70), packed(13, 70)
-    monkeypatch.setattr(ops, "_capturing", lambda device: True)
+    monkeypatch.setattr(launch, "_capturing", lambda device: True)
     with pytest.raises(RuntimeError, match="warmup"):
-        ops.triton_packed_conv2d(xb, wb, 50, 1, 1, 1, 0)
+        launch.triton_packed_conv2d(xb, wb, 50, 1, 1, 1, 0)
     with pytest.raises(RuntimeError, match="warmup"):
-        ops.triton_packed_linear(a, b, 70, out_dtype=torch.float16)
-    monkeypatch.setattr(ops, "_capturing", lambda device: False)
-    ops.triton_packed_conv2d(xb, wb, 50, 1, 1, 1, 0)
-    ops.triton_packed_linear(a, b, 70, out_dtype=torch.float16)
-    monkeypatch.setattr(ops, "_capturing", lambda device: True)
-    out = ops.triton_packed_conv2d(xb, wb, 50, 1, 1, 1, 0)
+        launch.triton_packed_linear(a, b, 70, out_dtype=torch.float16)
+    monkeypatch.setattr(launch, "_capturing", lambda device: False)
+    launch.triton_packed_conv2d(xb, wb, 50, 1, 1, 1, 0)
+    launch.triton_packed_linear(a, b, 70, out_dtype=torch.float16)
+    monkeypatch.setattr(launch, "_capturing", lambda device: True)
+    out = launch.triton_packed_conv2d(xb, wb, 50, 1, 1, 1, 0)
     assert torch.equal(out, reference.packed_conv2d(xb, wb, 50, (1, 1), (1, 1), (1, 1), 0))
-    lin = ops.triton_packed_linear(a, b, 70, out_dtype=torch.float16)
+    lin = launch.triton_packed_linear(a, b, 70, out_dtype=torch.float16)
     assert torch.equal(lin, reference.packed_linear(a, b, 70, out_dtype=torch.float16))
     with pytest.raises(RuntimeError, match="warmup"):  # another output dtype is another tuning key
-        ops.triton_packed_linear(a, b, 70, out_dtype=torch.bfloat16)
+        launch.triton_packed_linear(a, b, 70, out_dtype=torch.bfloat16)
     # a pinned config needs no tuning
-    pinned = ops.triton_packed_linear(a, b, 70, config=gemm.INTERPRET_CONFIGS[ops.POPC])
+    pinned = launch.triton_packed_linear(a, b, 70, config=gemm.INTERPRET_CONFIGS[launch.POPC])
     assert torch.equal(pinned, reference.packed_gemm(a, b, 70))
 
 
@@ -239,34 +239,34 @@ def test_capture_needs_a_warmed_shape(monkeypatch) -> None:
 def test_bad_input_is_rejected_with_clear_errors() -> None:
     a, b = packed(4, 40), packed(3, 40)
     with pytest.raises(TypeError, match="int32"):
-        ops.triton_packed_linear(a.float(), b, 40)
+        launch.triton_packed_linear(a.float(), b, 40)
     with pytest.raises(ValueError, match="words per row"):
-        ops.triton_packed_linear(a, b, 70)
+        launch.triton_packed_linear(a, b, 70)
     with pytest.raises(ValueError, match="positive int"):
-        ops.triton_packed_linear(a, b, 0)
+        launch.triton_packed_linear(a, b, 0)
     with pytest.raises(ValueError, match="one value per output channel"):
-        ops.triton_packed_linear(a, b, 40, scale=torch.ones(4, device=DEVICE))
+        launch.triton_packed_linear(a, b, 40, scale=torch.ones(4, device=DEVICE))
     with pytest.raises(ValueError, match="residual"):
-        ops.triton_packed_linear(a, b, 40, residual=torch.ones(3, 4, device=DEVICE))
+        launch.triton_packed_linear(a, b, 40, residual=torch.ones(3, 4, device=DEVICE))
     with pytest.raises(ValueError, match="out_dtype"):
-        ops.triton_packed_linear(a, b, 40, out_dtype=torch.int64)
+        launch.triton_packed_linear(a, b, 40, out_dtype=torch.int64)
     with pytest.raises(ValueError, match="mode"):
-        ops.triton_packed_linear(a, b, 40, mode=7)
+        launch.triton_packed_linear(a, b, 40, mode=7)
     with pytest.raises(TypeError, match="floating point"):
-        ops.triton_sign_pack(torch.ones(3, 4, dtype=torch.int32, device=DEVICE))
+        launch.triton_sign_pack(torch.ones(3, 4, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="non-empty"):
-        ops.triton_sign_pack(torch.ones(3, 0, device=DEVICE))
+        launch.triton_sign_pack(torch.ones(3, 0, device=DEVICE))
     xb, wb = packed(1, 4, 4, 40), packed(2, 3, 3, 40)
     with pytest.raises(ValueError, match="pad_value"):
-        ops.triton_packed_conv2d(xb, wb, 40, 1, 1, 1, 2)
+        launch.triton_packed_conv2d(xb, wb, 40, 1, 1, 1, 2)
     with pytest.raises(ValueError, match="words per pixel"):
-        ops.triton_packed_conv2d(xb, wb, 80, 1, 1, 1, 0)
+        launch.triton_packed_conv2d(xb, wb, 80, 1, 1, 1, 0)
     with pytest.raises(ValueError, match="stride"):
-        ops.triton_packed_conv2d(xb, wb, 40, 0, 1, 1, 0)
+        launch.triton_packed_conv2d(xb, wb, 40, 0, 1, 1, 0)
     with pytest.raises(ValueError, match="does not fit"):
-        ops.triton_packed_conv2d(xb, packed(2, 7, 7, 40), 40, 1, 0, 1, 0)
+        launch.triton_packed_conv2d(xb, packed(2, 7, 7, 40), 40, 1, 0, 1, 0)
     with pytest.raises(ValueError, match="4 dims"):
-        ops.triton_packed_conv2d(xb[0], wb, 40, 1, 1, 1, 0)
+        launch.triton_packed_conv2d(xb[0], wb, 40, 1, 1, 1, 0)
 
 
 # --------------------------------------------------------------------------- GPU build (no GPU needed)

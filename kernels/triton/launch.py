@@ -8,7 +8,7 @@ in-kernel mode per shape, and for large shapes the two-pass path (``DENSE_*``: u
 dense ``tl.dot`` kernel) is timed against it once per shape and used when faster.
 
 CUDA graphs: that tuning times kernels, which a stream capture forbids. Run each shape once eagerly
-before capturing (``lightning_ovsw.packed.warmup``); a shape that was never run raises a clear error
+before capturing (``lightning_ovsw.packed_layers.warmup``); a shape that was never run raises a clear error
 while the current stream is capturing instead of failing inside Triton. Pinned configs need no warm-up.
 Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (and the two-pass path only when asked).
 """
@@ -141,7 +141,7 @@ def _tuned_launch(key: tuple, device: torch.device, launch) -> None:
             raise RuntimeError(
                 f"lightning_ovsw: the packed {key[0]} kernel has not been tuned for this shape yet and cannot "
                 "be timed while a CUDA graph is being captured. Run the model once eagerly on an input of "
-                "the same shape and dtype before capturing, e.g. lightning_ovsw.packed.warmup(model, x)."
+                "the same shape and dtype before capturing, e.g. lightning_ovsw.packed_layers.warmup(model, x)."
             )
         launch()
         return

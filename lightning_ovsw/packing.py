@@ -23,7 +23,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear
-from lightning_ovsw.packed import PackedConv2d, PackedLinear
+from lightning_ovsw.packed_layers import PackedConv2d, PackedLinear
 from lightning_ovsw.registry import binary_layers
 
 _FOLDABLE = {BinaryConv2d: nn.BatchNorm2d, BinaryLinear: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}
