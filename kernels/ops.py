@@ -76,7 +76,7 @@ def _check_bits(t: Tensor, name: str, ndim: int | None) -> None:
             f"got {getattr(t, 'dtype', type(t).__name__)}"
         )
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must have {ndim} dims, got shape {list(t.shape)}")
 
 
 def _check_float(x: Tensor, name: str) -> None:
@@ -100,15 +100,15 @@ def _check_epilogue(out_shape: tuple[int, ...], scale: Tensor | None, bias: Tens
             _check_float(v, name)
             if v.numel() != n:
                 raise ValueError(
-                    f"{name} must hold one value per output channel ({n}), got shape {tuple(v.shape)}")
+                    f"{name} must hold one value per output channel ({n}), got shape {list(v.shape)}")
     if residual is not None:
         _check_float(residual, "residual")
         if tuple(residual.shape) != tuple(out_shape):
             raise ValueError(
-                f"residual must have the output's shape {tuple(out_shape)}, got {tuple(residual.shape)}")
+                f"residual must have the output's shape {list(out_shape)}, got {list(residual.shape)}")
     if out_dtype is not None and out_dtype not in _FLOATS:
         raise ValueError(
-            f"out_dtype must be None (int32 or float32 output) or one of {_FLOATS}, got {out_dtype}")
+            f"out_dtype must be None (int32 or float32 output) or a floating point dtype, got {out_dtype}")
 
 
 def _result_dtype(scale, bias, residual, out_dtype) -> torch.dtype:
@@ -120,20 +120,20 @@ def _result_dtype(scale, bias, residual, out_dtype) -> torch.dtype:
 def pair(v: Sequence[int], name: str, minimum: int) -> tuple[int, int]:
     pair = (v, v) if isinstance(v, int) else tuple(v)
     if len(pair) != 2 or not all(isinstance(i, int) and i >= minimum for i in pair):
-        raise ValueError(f"{name} must be a pair of ints >= {minimum}, got {v!r}")
+        raise ValueError(f"{name} must be a pair of ints >= {minimum}, got {list(v) if isinstance(v, tuple) else v!r}")
     return pair
 
 
 def check_sign_pack(x: Tensor) -> None:
     _check_float(x, "x")
     if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last dim to pack, got shape {tuple(x.shape)}")
+        raise ValueError(f"x must have a non-empty last dim to pack, got shape {list(x.shape)}")
 
 
 def check_sign_pack_nchw(x: Tensor) -> None:
     _check_float(x, "x")
     if x.dim() != 4 or x.shape[1] == 0:
-        raise ValueError(f"x must be NCHW [N, C, H, W] with C > 0, got shape {tuple(x.shape)}")
+        raise ValueError(f"x must be NCHW [N, C, H, W] with C > 0, got shape {list(x.shape)}")
 
 
 def linear_shape(x_bits, w_bits, k, scale, bias, residual, out_dtype) -> tuple[int, ...]:
@@ -148,8 +148,8 @@ def linear_shape(x_bits, w_bits, k, scale, bias, residual, out_dtype) -> tuple[i
     kw = num_words(k)
     if x_bits.shape[-1] != kw or w_bits.shape[-1] != kw:
         raise ValueError(
-            f"k={k} bits need {kw} words per row; got x_bits {tuple(x_bits.shape)}, w_bits "
-            f"{tuple(w_bits.shape)}. Pack both with ovsw.sign_pack over the same k features."
+            f"k={k} bits need {kw} words per row; got x_bits {list(x_bits.shape)}, w_bits "
+            f"{list(w_bits.shape)}. Pack both with ovsw.sign_pack over the same k features."
         )
     out_shape = (*x_bits.shape[:-1], w_bits.shape[0])
     _check_epilogue(out_shape, scale, bias, residual, out_dtype)
@@ -167,8 +167,8 @@ def conv_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value
     cw = num_words(in_channels)
     if x_bits.shape[3] != cw or w_bits.shape[3] != cw:
         raise ValueError(
-            f"in_channels={in_channels} needs {cw} words per pixel; got x_bits {tuple(x_bits.shape)}, w_bits "
-            f"{tuple(w_bits.shape)} (expected packed NHWC input [N, H, W, CW], e.g. from "
+            f"in_channels={in_channels} needs {cw} words per pixel; got x_bits {list(x_bits.shape)}, w_bits "
+            f"{list(w_bits.shape)} (expected packed NHWC input [N, H, W, CW], e.g. from "
             "ovsw.sign_pack_nchw, and weights [Cout, KH, KW, CW])"
         )
     if pad_value not in (0, 1):
@@ -181,8 +181,8 @@ def conv_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value
     ho, wo = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kwid, sw, pw, dw)
     if ho < 1 or wo < 1:
         raise ValueError(
-            f"the {kh}x{kwid} kernel (dilation {(dh, dw)}) does not fit the {h}x{w} input padded by "
-            f"{(ph, pw)}"
+            f"the {kh}x{kwid} kernel (dilation {[dh, dw]}) does not fit the {h}x{w} input padded by "
+            f"{[ph, pw]}"
         )
     out_shape = (n, ho, wo, cout)
     _check_epilogue(out_shape, scale, bias, residual, out_dtype)
@@ -221,6 +221,13 @@ def _full_args(reference_fn: Callable, check: Callable, args: tuple, kwargs: dic
     bound.apply_defaults()
     check(*bound.args)
     return bound.args
+
+
+def validate(name: str, *args, **kwargs) -> tuple:
+    """Run ``ovsw::name``'s one argument validation (what every Python kernel runs first) and return all
+    its arguments; the C++ CPU kernels make the same checks with the same messages."""
+    reference_fn, _, check = _IMPLS[name]
+    return _full_args(reference_fn, check, args, kwargs)
 
 
 def _cpu_kernel(name: str, reference_fn: Callable, check: Callable) -> Callable:
@@ -295,7 +302,7 @@ def _conv_act_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             raise TypeError(f"{name} must be a float, got {v!r}")
     if min_val > max_val:
-        raise ValueError(f"min_val must be <= max_val (the hardtanh range), got {min_val} > {max_val}")
+        raise ValueError(f"min_val must be <= max_val (the hardtanh range), got {min_val:g} > {max_val:g}")
     return conv_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias, residual,
                        out_dtype or torch.float32)
 

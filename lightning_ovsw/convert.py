@@ -15,7 +15,7 @@ import logging
 import operator
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -24,11 +24,15 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from lightning_ovsw.layers import BinaryConv2d, BinaryLinear, BinaryOptions
+from lightning_ovsw.normalization import unnormalized_layers
 from lightning_ovsw.registry import binary_layers, full_precision_layers, packed_layers
 
 FilterFn = Callable[[nn.Module, str], bool]
 ActivationPolicy = Literal["hardtanh", "keep", "error"]
 ACTIVATION_POLICIES: tuple[str, ...] = ("hardtanh", "keep", "error")
+UnnormalizedPolicy = Literal["mean", "learnable", "float", "keep"]
+UNNORMALIZED_POLICIES: tuple[str, ...] = ("mean", "learnable", "float", "keep")
+_UNNORMALIZED_REASON = "output not normalized (no BatchNorm/LayerNorm after it)"
 
 _log = logging.getLogger(__name__)
 
@@ -180,7 +184,9 @@ class ConversionReport:
     ``non_negative_inputs`` maps each binary layer whose float input could never be negative to the
     activations that made it so; ``replaced_activations`` maps each replaced activation (a module name, or
     a functional call and the module whose forward makes it) to its replacement; ``unresolved`` lists the
-    binary layers whose input stays non-negative (``activation="keep"``, or a sigmoid-like source).
+    binary layers whose input stays non-negative (``activation="keep"``, or a sigmoid-like source);
+    ``rescaled`` maps the binary layers whose output no normalization follows to the scale they got
+    instead of the standardized one (``unnormalized="mean"`` or ``"learnable"``).
     """
 
     binarized: list[str] = field(default_factory=list)
@@ -188,6 +194,7 @@ class ConversionReport:
     non_negative_inputs: dict[str, list[str]] = field(default_factory=dict)
     replaced_activations: dict[str, str] = field(default_factory=dict)
     unresolved: list[str] = field(default_factory=list)
+    rescaled: dict[str, str] = field(default_factory=dict)
     traced: bool = True
     fast_path_disabled: list[str] = field(default_factory=list)
 
@@ -201,6 +208,9 @@ class ConversionReport:
         if self.unresolved:
             lines.append("binary layers reading a never-negative input (they output a constant): "
                          + ", ".join(self.unresolved))
+        if self.rescaled:
+            lines.append("no normalization after these binary layers, so alpha = mean|W| keeps the float layer's "
+                         "output magnitude: " + ", ".join(f"{n} (scale={s!r})" for n, s in self.rescaled.items()))
         if not self.traced:
             lines.append("the model does not trace with torch.fx: activations were not analysed per layer")
         if self.fast_path_disabled:
@@ -334,6 +344,7 @@ def binarize_model(
     skip_last: bool = True,
     inplace: bool = False,
     activation: ActivationPolicy = "hardtanh",
+    unnormalized: UnnormalizedPolicy = "mean",
     **layer_options,
 ) -> nn.Module:
     """Swap eligible ``nn.Conv2d`` / ``nn.Linear`` modules for ``BinaryConv2d`` / ``BinaryLinear``.
@@ -362,6 +373,18 @@ def binarize_model(
     - ``"keep"``: change nothing and warn once, naming every affected layer.
     - ``"error"``: raise, naming every affected layer.
 
+    ``unnormalized``: what to do with selected layers whose output reaches no BatchNorm / GroupNorm /
+    LayerNorm (through pooling, reshapes, dropout and concatenation only), e.g. VGG's classifier, squeeze-
+    excitation convs, MobileNetV3's head. With the standardized ``alpha`` their output grows with
+    ``sqrt(fan_in)`` (``lightning_ovsw.normalization``):
+
+    - ``"mean"`` (default): they get ``scale="mean"``, XNOR-Net's ``alpha = mean|W|`` per output channel
+      (the float layer's output magnitude; listed in ``binarization_report.rescaled``). Only when the options
+      ask for the standardized scale;
+    - ``"learnable"``: the same ``alpha`` as a trained parameter (XNOR-Net++; less stable at large lr);
+    - ``"float"``: keep them in full precision (with the reason);
+    - ``"keep"``: give them the options as they are.
+
     The analysis runs on a ``torch.fx`` trace. A model that does not trace gets one warning and, with
     ``"hardtanh"``, every ReLU / ReLU6 module replaced (functional calls cannot be found), with ``"error"`` a
     ``ValueError``. The torch Transformer layers holding binary layers get their float fast path turned off
@@ -372,6 +395,9 @@ def binarize_model(
         raise TypeError(f"binarize_model expects an nn.Module, got {type(model).__name__}.")
     if activation not in ACTIVATION_POLICIES:
         raise ValueError(f"activation={activation!r} is not supported; choose one of {ACTIVATION_POLICIES}.")
+    if unnormalized not in UNNORMALIZED_POLICIES:
+        raise ValueError(
+            f"unnormalized={unnormalized!r} is not supported; choose one of {UNNORMALIZED_POLICIES}.")
     options = BinaryOptions(**layer_options)  # validate once, with a clear error
     if not inplace:
         model = copy.deepcopy(model)
@@ -399,6 +425,14 @@ def binarize_model(
             report.kept_float[name] = reason
         elif chosen:
             selected[name] = module
+    not_normalized = _unnormalized(model, selected) if unnormalized != "keep" else []
+    if unnormalized == "float":
+        for name in not_normalized:
+            report.kept_float[name] = _UNNORMALIZED_REASON + ": a binary layer's output would grow with sqrt(fan_in)"
+            del selected[name]
+        not_normalized = []
+    elif options.scale != "standardized":
+        not_normalized = []
     if report.kept_float:
         warnings.warn("binarize_model kept these layers in full precision: "
                       + ", ".join(f"{n} ({r})" for n, r in report.kept_float.items()) + ".", stacklevel=2)
@@ -412,13 +446,26 @@ def binarize_model(
     swaps = {}
     for name, module in selected.items():
         cls = BinaryConv2d if isinstance(module, nn.Conv2d) else BinaryLinear
-        swaps[id(module)] = cls.from_float(module, options)
+        scaled = replace(options, scale=unnormalized) if name in not_normalized else options
+        swaps[id(module)] = cls.from_float(module, scaled)
         report.binarized.append(name)
+        if name in not_normalized:
+            report.rescaled[name] = unnormalized
     _replace_by_id(model, swaps)
     report.fast_path_disabled = _disable_transformer_fast_path(model, {id(m) for m in swaps.values()})
     model.binarization_report = report
     _log.info("binarize_model: %d binary layers; %s", len(report.binarized), "; ".join(report.notes()) or "-")
     return model
+
+
+def _unnormalized(model: nn.Module, selected: dict[str, nn.Module]) -> list[str]:
+    """The ``selected`` layers whose output no normalization follows (none found if the model does not trace:
+    the activation analysis warns about that)."""
+    try:
+        graph = _Tracer({id(m) for m in selected.values()}).trace(model)
+    except Exception:  # fx cannot trace data-dependent control flow and the like
+        return []
+    return unnormalized_layers(graph, dict(model.named_modules()), selected)
 
 
 def _handle_activations(model: nn.Module, selected: dict[str, nn.Module], policy: str,

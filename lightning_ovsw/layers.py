@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from lightning_ovsw.kernels import train_ops
 from lightning_ovsw.quantizers import ACTIVATION_ESTIMATORS, WEIGHT_ESTIMATORS, apply_estimator
 
-SCALES = ("standardized", "learnable", "none")
+SCALES = ("standardized", "mean", "learnable", "none")
 PAD_VALUES = (0, 1)
 _EPS = 1e-5
 
@@ -91,6 +91,15 @@ def standardized_scale(weight: Tensor) -> Tensor:
     return (centered / torch.sqrt(w.var(dim=1, keepdim=True) + _EPS)).abs().mean(dim=1)
 
 
+def mean_abs_scale(weight: Tensor) -> Tensor:
+    """``alpha_i = mean(|W[i]|)``, detached: XNOR-Net's scale, the output magnitude of the float layer.
+
+    For layers that no normalization follows (``binarize_model(unnormalized="mean")``): the standardized
+    ``alpha`` is scale-free (about 0.8), so without a BatchNorm the output would grow with ``sqrt(fan_in)``.
+    """
+    return weight.detach().flatten(1).to(_stat_dtype(weight.dtype)).abs().mean(dim=1)
+
+
 def _compute_dtype(x: Tensor, dtype: torch.dtype) -> torch.dtype:
     """The dtype an op on ``x`` runs in: autocast's for ``x``'s device when it is on, else ``dtype``."""
     device = x.device.type
@@ -128,6 +137,8 @@ class BinaryLayer:
         """Per-output-channel ``alpha`` (float32 or wider), or ``None`` for ``scale="none"``."""
         if self.options.scale == "standardized":
             return standardized_scale(self.weight)
+        if self.options.scale == "mean":
+            return mean_abs_scale(self.weight)
         if self.options.scale == "learnable":
             return self.alpha
         return None
@@ -135,12 +146,12 @@ class BinaryLayer:
     def _fused_weight(self, x: Tensor) -> Tensor:
         """``alpha * sign(W)`` (per output row) in the dtype the op on ``x`` runs in, from the fused weight
         op: the conv/linear applies the scale, so its output needs no extra pass (learnable ``alpha`` keeps its
-        gradient through the product)."""
+        gradient through the product; the standardized one comes out of the fused op)."""
         o = self.options
         wb, _ = train_ops.fused_binary_weight(self.weight, o.weight_estimator, _compute_dtype(x, self.weight.dtype),
                                               scaled=o.scale == "standardized")
-        if o.scale == "learnable":
-            wb = wb * self.alpha.to(wb.dtype).view(-1, *[1] * (wb.dim() - 1))
+        if o.scale in ("mean", "learnable"):
+            wb = wb * self.scale_factor().to(wb.dtype).view(-1, *[1] * (wb.dim() - 1))
         return wb
 
     def _scale_and_bias(self, out: Tensor, alpha: Tensor | None, channel_dim: int) -> Tensor:

@@ -268,41 +268,53 @@ def test_isa_environment_variable(extension):
 
 
 # ------------------------------------------------------------------------------------------------- errors
-def test_clear_errors():
+def _bad_calls():
+    """(op, args, kwargs, exception type, message fragment): one wrong argument each."""
     x_bits, w_bits = ref.sign_pack(signs(4, 40)), ref.sign_pack(signs(3, 40))
-    with pytest.raises(TypeError, match="int32"):
-        ops.packed_linear(x_bits.float(), w_bits, 40)
-    with pytest.raises(ValueError, match="words per row"):
-        ops.packed_linear(x_bits, w_bits, 70)
-    with pytest.raises(ValueError, match="k must be a positive int"):
-        ops.packed_linear(x_bits, w_bits, 0)
-    with pytest.raises(ValueError, match="one value per output channel"):
-        ops.packed_linear(x_bits, w_bits, 40, torch.ones(4))
-    with pytest.raises(ValueError, match="residual must have the output's shape"):
-        ops.packed_linear(x_bits, w_bits, 40, None, None, torch.ones(3, 4))
-    with pytest.raises(ValueError, match="one device"):
-        ops.packed_linear(x_bits, w_bits, 40, torch.ones(3, device="meta"))
-    with pytest.raises(ValueError, match="out_dtype"):
-        ops.packed_linear(x_bits, w_bits, 40, None, None, None, torch.int8)
-    with pytest.raises(TypeError, match="floating point"):
-        ops.sign_pack(torch.ones(3, 4, dtype=torch.int64))
-    with pytest.raises(ValueError, match="NCHW"):
-        ops.sign_pack_nchw(torch.ones(3, 4))
     cx, cw = ref.sign_pack(signs(1, 5, 5, 40)), ref.sign_pack(signs(2, 3, 3, 40))
-    with pytest.raises(ValueError, match="words per pixel"):
-        ops.packed_conv2d(cx, cw, 70)
-    with pytest.raises(ValueError, match="pad_value"):
-        ops.packed_conv2d(cx, cw, 40, pad_value=2)
-    with pytest.raises(ValueError, match="stride"):
-        ops.packed_conv2d(cx, cw, 40, stride=(0, 1))
-    with pytest.raises(ValueError, match="does not fit"):
-        ops.packed_conv2d(cx, ref.sign_pack(signs(2, 7, 7, 40)), 40)
-    with pytest.raises(ValueError, match="4 dims"):
-        ops.packed_conv2d(cx[0], cw, 40)
-    with pytest.raises(ValueError, match="min_val must be <= max_val"):
-        ops.packed_conv2d_act(cx, cw, 40, min_val=1.0, max_val=-1.0)
-    with pytest.raises(ValueError, match="out_dtype"):
-        ops.packed_conv2d_act(cx, cw, 40, out_dtype=torch.int32)
+    return [
+        ("packed_linear", (x_bits.float(), w_bits, 40), {}, TypeError, "int32"),
+        ("packed_linear", (x_bits, w_bits, 70), {}, ValueError, "words per row"),
+        ("packed_linear", (x_bits, w_bits, 0), {}, ValueError, "k must be a positive int"),
+        ("packed_linear", (x_bits, w_bits, 40, torch.ones(4)), {}, ValueError, "one value per output channel"),
+        ("packed_linear", (x_bits, w_bits, 40, None, torch.ones(3, dtype=torch.int64)), {}, TypeError,
+         "bias must be a floating point tensor"),
+        ("packed_linear", (x_bits, w_bits, 40, None, None, torch.ones(3, 4)), {}, ValueError,
+         "residual must have the output's shape"),
+        ("packed_linear", (x_bits, w_bits, 40, torch.ones(3, device="meta")), {}, ValueError, "one device"),
+        ("packed_linear", (x_bits, w_bits, 40, None, None, None, torch.int8), {}, ValueError, "out_dtype"),
+        ("sign_pack", (torch.ones(3, 4, dtype=torch.int64),), {}, TypeError, "floating point"),
+        ("sign_pack", (torch.ones(3, 0),), {}, ValueError, "non-empty last dim"),
+        ("sign_pack_nchw", (torch.ones(3, 4),), {}, ValueError, "NCHW"),
+        ("packed_conv2d", (cx, cw, 70), {}, ValueError, "words per pixel"),
+        ("packed_conv2d", (cx, cw, 40), {"pad_value": 2}, ValueError, "pad_value"),
+        ("packed_conv2d", (cx, cw, 40), {"stride": (0, 1)}, ValueError, "stride"),
+        ("packed_conv2d", (cx, cw, 40), {"padding": [-1, 0]}, ValueError, "padding"),
+        ("packed_conv2d", (cx, cw, 40), {"dilation": (1, 0)}, ValueError, "dilation"),
+        ("packed_conv2d", (cx, ref.sign_pack(signs(2, 7, 7, 40)), 40), {}, ValueError, "does not fit"),
+        ("packed_conv2d", (cx[0], cw, 40), {}, ValueError, "4 dims"),
+        ("packed_conv2d", (cx, cw.long(), 40), {}, TypeError, "w_bits must be an int32"),
+        ("packed_conv2d", (cx, cw, 40), {"bias": torch.ones(3)}, ValueError, "one value per output channel"),
+        ("packed_conv2d_sign", (cx, cw, 40), {"residual": torch.ones(1, 3, 3, 3)}, ValueError,
+         "residual must have the output's shape"),
+        ("packed_conv2d_act", (cx, cw, 40), {"min_val": 1.0, "max_val": -1.0}, ValueError,
+         "min_val must be <= max_val"),
+        ("packed_conv2d_act", (cx, cw, 40), {"out_dtype": torch.int32}, ValueError, "out_dtype"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_clear_errors(case):
+    """Each wrong argument raises the documented error from the op; from the C++ kernels (the ops' CPU
+    dispatch, which checks its arguments itself) with exactly the message of the one Python validation
+    (``ops.validate``, what the reference, Triton and fake kernels run)."""
+    name, args, kwargs, kind, fragment = _bad_calls()[case]
+    with pytest.raises(kind, match=fragment) as python:
+        ops.validate(name, *args, **kwargs)
+    with pytest.raises(kind, match=fragment) as dispatched:
+        getattr(ops, name)(*args, **kwargs)
+    if cpu.load_extension() is not None:
+        assert str(dispatched.value) == str(python.value)
 
 
 def test_cuda_dispatch_glue_under_the_triton_interpreter():

@@ -197,7 +197,7 @@ def test_conv_layer_fused_equals_plain(estimator, pad_value, padding, stride, mo
         _assert_paths_agree(layer.train(mode), x, monkeypatch)
 
 
-@pytest.mark.parametrize("scale", ["standardized", "learnable", "none"])
+@pytest.mark.parametrize("scale", ["standardized", "mean", "learnable", "none"])
 def test_linear_layer_fused_equals_plain(scale, monkeypatch):
     layer = BinaryLinear(13, 6, scale=scale)
     x = torch.randn(4, 2, 13)

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -34,7 +35,7 @@ void set_isa(int64_t isa) {
 
 u32* words(const at::Tensor& t) { return reinterpret_cast<u32*>(t.data_ptr<int32_t>()); }
 
-// ------------------------------------------------------------------- tensors -> core (inputs checked)
+// ------------------------------------------------ tensors -> core (arguments already validated below)
 struct Activation {  // packed_conv2d_act: hardtanh bounds and where the sign bits go
   float lo = 0.0f, hi = 0.0f;
   u32* bits = nullptr;
@@ -42,18 +43,6 @@ struct Activation {  // packed_conv2d_act: hardtanh bounds and where the sign bi
 
 at::Tensor new_output(at::IntArrayRef shape, bool raw, at::ScalarType dtype) {
   return at::empty(shape, at::TensorOptions().dtype(raw ? at::kInt : dtype));
-}
-
-void check_epilogue(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& residual, int64_t rows, int64_t n) {
-  for (const auto* t : {&scale, &bias}) {
-    if (*t) TORCH_CHECK((*t)->scalar_type() == at::kFloat && (*t)->is_contiguous() && (*t)->numel() == n,
-                        "ovsw_cpu: scale/bias must be contiguous float32 with one value per output channel");
-  }
-  if (residual)
-    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->is_contiguous() &&
-                    residual->numel() == rows * n,
-                "ovsw_cpu: residual must be contiguous float32 of the output's shape");
 }
 
 // The core epilogue writing into out (int32 if raw, else float32 / bfloat16 / float16; sign: words).
@@ -86,11 +75,7 @@ core::Epilogue core_epilogue(const std::optional<at::Tensor>& scale, const std::
 at::Tensor linear_impl(const at::Tensor& a, const at::Tensor& b, int64_t k, const std::optional<at::Tensor>& scale,
                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, bool raw,
                        at::ScalarType dtype) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.scalar_type() == at::kInt && b.scalar_type() == at::kInt &&
-                  a.is_contiguous() && b.is_contiguous() && a.size(1) == b.size(1) && a.size(1) == (k + 31) / 32,
-              "ovsw_cpu.packed_linear: expects contiguous int32 [M, KW] and [N, KW] with KW = ceil(k / 32)");
   const int64_t m = a.size(0), n = b.size(0);
-  check_epilogue(scale, bias, residual, m, n);
   at::Tensor out = new_output({m, n}, raw, dtype);
   const core::Epilogue epi = core_epilogue(scale, bias, residual, raw, false, out, nullptr);
   core::packed_linear(words(a), words(b), m, n, k, epi);
@@ -102,11 +87,6 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels,
                      const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
                      const std::optional<at::Tensor>& residual, bool raw, at::ScalarType dtype, bool sign,
                      const Activation* act) {
-  TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && x.scalar_type() == at::kInt && w.scalar_type() == at::kInt &&
-                  x.is_contiguous() && w.is_contiguous() && x.size(3) == w.size(3) &&
-                  x.size(3) == (channels + 31) / 32,
-              "ovsw_cpu.packed_conv2d: expects contiguous int32 NHWC words and [Cout, KH, KW, CW] weights");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "ovsw_cpu: pairs expected");
   core::Conv2d g;
   g.batch = x.size(0);
   g.height = x.size(1);
@@ -122,11 +102,7 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels,
   g.dilation_h = dilation[0];
   g.dilation_w = dilation[1];
   g.pad_value = static_cast<int>(pad_value);
-  TORCH_CHECK(g.kernel_h <= 64 && g.kernel_w <= 64, "ovsw_cpu.packed_conv2d: kernels up to 64x64");
-  const int64_t ho = g.out_h(), wo = g.out_w();
-  TORCH_CHECK(ho > 0 && wo > 0, "ovsw_cpu.packed_conv2d: empty output");
-  const int64_t cout = g.out_channels;
-  check_epilogue(scale, bias, residual, g.batch * ho * wo, cout);
+  const int64_t ho = g.out_h(), wo = g.out_w(), cout = g.out_channels;
   at::Tensor out = sign ? at::empty({g.batch, ho, wo, (cout + 31) / 32}, at::TensorOptions().dtype(at::kInt))
                         : new_output({g.batch, ho, wo, cout}, raw, dtype);
   const core::Epilogue epi = core_epilogue(scale, bias, residual, raw, sign, out, act);
@@ -135,16 +111,12 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels,
 }
 
 at::Tensor pack_rows_f32(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "ovsw_cpu.sign_pack: expects contiguous float32 [R, K]");
   at::Tensor out = at::empty({x.size(0), (x.size(1) + 31) / 32}, at::TensorOptions().dtype(at::kInt));
   core::sign_pack_rows(x.data_ptr<float>(), words(out), x.size(0), x.size(1));
   return out;
 }
 
 at::Tensor pack_nchw_f32(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "ovsw_cpu.sign_pack_nchw: expects contiguous float32 [N, C, H, W]");
   const int64_t c = x.size(1);
   at::Tensor out = at::empty({x.size(0), x.size(2), x.size(3), (c + 31) / 32}, at::TensorOptions().dtype(at::kInt));
   core::sign_pack_nchw(x.data_ptr<float>(), words(out), x.size(0), c, x.size(2) * x.size(3));
@@ -152,25 +124,38 @@ at::Tensor pack_nchw_f32(const at::Tensor& x) {
 }
 
 // ------------------------------------------------------------------ the ovsw ops' CPU kernels (validated)
+// Each check and message is the one of kernels/ops.py's validation (tests/test_ops_cpu.py compares them):
+// the C++ kernels are the ops' CPU dispatch, so Python's checks do not run in front of them.
+std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
 bool is_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
 void check_bits(const at::Tensor& t, const char* name, int64_t ndim) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name,
-                   " must be an int32 tensor of packed sign words (from ovsw.sign_pack), got ", t.scalar_type());
+                   " must be an int32 tensor of packed sign words (from ovsw.sign_pack), got ",
+                   dtype_name(t.scalar_type()));
   TORCH_CHECK_VALUE(ndim < 0 || t.dim() == ndim, name, " must have ", ndim, " dims, got shape ", t.sizes());
 }
 
 void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(is_float(t.scalar_type()), name, " must be a floating point tensor, got ", t.scalar_type());
+  TORCH_CHECK_TYPE(is_float(t.scalar_type()), name, " must be a floating point tensor, got ",
+                   dtype_name(t.scalar_type()));
 }
 
-void check_cpu(std::initializer_list<const at::Tensor*> ts) {
-  for (const at::Tensor* t : ts)
-    TORCH_CHECK_VALUE(t->device().is_cpu(), "all tensors must be on one device; got one on ", t->device(),
-                      ". Move them with .to(device).");
+// The named tensors that are present (nullptr: an absent optional) must all be CPU tensors.
+void check_cpu(std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
+  bool all_cpu = true;
+  for (const auto& [name, t] : ts) all_cpu = all_cpu && (!t || t->device().is_cpu());
+  if (all_cpu) return;
+  std::string found;
+  for (const auto& [name, t] : ts)
+    if (t) found += (found.empty() ? "" : ", ") + std::string(name) + " on " + t->device().str();
+  TORCH_CHECK_VALUE(false, "all tensors must be on one device; got ", found, ". Move them with .to(device).");
 }
+
+const at::Tensor* ptr(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
 
 struct EpilogueArgs {
   std::optional<at::Tensor> scale, bias, residual;
@@ -191,20 +176,19 @@ EpilogueArgs epilogue_args(at::IntArrayRef out_shape, const std::optional<at::Te
     if (!*vecs[i]) continue;
     const at::Tensor& v = **vecs[i];
     check_float(v, names[i]);
-    check_cpu({&v});
     TORCH_CHECK_VALUE(v.numel() == n, names[i], " must hold one value per output channel (", n, "), got shape ",
                       v.sizes());
     *outs[i] = v.reshape({n}).to(at::kFloat).contiguous();
   }
   if (residual) {
     check_float(*residual, "residual");
-    check_cpu({&*residual});
     TORCH_CHECK_VALUE(residual->sizes() == out_shape, "residual must have the output's shape ", out_shape,
                       ", got ", residual->sizes());
     e.residual = residual->to(at::kFloat).contiguous();
   }
   TORCH_CHECK_VALUE(!out_dtype || is_float(*out_dtype),
-                    "out_dtype must be None (int32 or float32 output) or a floating point dtype, got ", *out_dtype);
+                    "out_dtype must be None (int32 or float32 output) or a floating point dtype, got ",
+                    dtype_name(*out_dtype));
   e.raw = !scale && !bias && !residual && !out_dtype;
   e.native = out_dtype && (*out_dtype == at::kBFloat16 || *out_dtype == at::kHalf) ? *out_dtype : at::kFloat;
   return e;
@@ -249,7 +233,8 @@ at::Tensor ovsw_packed_linear(const at::Tensor& x_bits, const at::Tensor& w_bits
   check_bits(x_bits, "x_bits", -1);
   check_bits(w_bits, "w_bits", 2);
   TORCH_CHECK_VALUE(x_bits.dim() >= 1, "x_bits must be a tensor [..., ceil(k/32)] of packed sign words");
-  check_cpu({&x_bits, &w_bits});
+  check_cpu({{"x_bits", &x_bits}, {"w_bits", &w_bits}, {"scale", ptr(scale)}, {"bias", ptr(bias)},
+             {"residual", ptr(residual)}});
   const int64_t kw = (k + 31) / 32;
   TORCH_CHECK_VALUE(x_bits.size(-1) == kw && w_bits.size(1) == kw, "k=", k, " bits need ", kw,
                     " words per row; got x_bits ", x_bits.sizes(), ", w_bits ", w_bits.sizes(),
@@ -272,7 +257,8 @@ at::Tensor conv(const char* name, const at::Tensor& x_bits, const at::Tensor& w_
   RECORD_FUNCTION(name, std::vector<c10::IValue>());  // the profiler shows that the C++ kernel ran
   check_bits(x_bits, "x_bits", 4);
   check_bits(w_bits, "w_bits", 4);
-  check_cpu({&x_bits, &w_bits});
+  check_cpu({{"x_bits", &x_bits}, {"w_bits", &w_bits}, {"scale", ptr(scale)}, {"bias", ptr(bias)},
+             {"residual", ptr(residual)}});
   TORCH_CHECK_VALUE(in_channels >= 1, "in_channels must be a positive int, got ", in_channels);
   const int64_t cw = (in_channels + 31) / 32;
   TORCH_CHECK_VALUE(x_bits.size(3) == cw && w_bits.size(3) == cw, "in_channels=", in_channels, " needs ", cw,
@@ -331,9 +317,11 @@ std::tuple<at::Tensor, at::Tensor> ovsw_packed_conv2d_act(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t pad_value, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, double min_val,
     double max_val, std::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK_VALUE(min_val <= max_val, "min_val must be <= max_val, got ", min_val, " > ", max_val);
+  TORCH_CHECK_VALUE(min_val <= max_val, "min_val must be <= max_val (the hardtanh range), got ", min_val, " > ",
+                    max_val);
   const at::ScalarType dtype = out_dtype ? *out_dtype : at::kFloat;
-  TORCH_CHECK_VALUE(is_float(dtype), "out_dtype must be None (float32) or a floating point dtype, got ", dtype);
+  TORCH_CHECK_VALUE(is_float(dtype), "out_dtype must be None (int32 or float32 output) or a floating point dtype, got ",
+                    dtype_name(dtype));
   if (dtype == at::kDouble) {  // not a native output: clamp the float64 tensor as torch would
     at::Tensor out = ovsw_packed_conv2d(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale,
                                         bias, residual, dtype).clamp_(min_val, max_val);
