@@ -70,8 +70,11 @@ def read_accuracy(directory: Path) -> dict[str, float | int]:
     accs = events.Scalars("val/acc1")
     epochs = events.Scalars("epoch") if "epoch" in events.Tags()["scalars"] else []
     curve = [round(100 * a.value, 2) for a in accs]  # one validation per epoch: top-1 after epoch 1, 2, ...
+    path = directory / "invocations.json"
+    invocations = json.loads(path.read_text()) if path.exists() else []
     return {"final": curve[-1], "best": max(curve), "per_epoch": curve,
-            "epochs": int(max(e.value for e in epochs)) + 1 if epochs else len(accs)}
+            "epochs": int(max(e.value for e in epochs)) + 1 if epochs else len(accs),
+            "wall_s": sum(i["wall_s"] for i in invocations) or None, "invocations": len(invocations)}
 
 
 def plot_curves(rows: dict, out: Path, title: str) -> str:
@@ -184,14 +187,16 @@ def main() -> None:
         + (f", wall {wall / 60:.1f} min." if wall else " (table from earlier runs)."),
         f"Command: `{record['command']}`",
         "",
-        "| variant | epochs | top-1 final, mean ± std (%) | per seed (final / best) | paper, 600 epochs |",
-        "| --- | --- | --- | --- | --- |",
+        "| variant | epochs | top-1 final, mean ± std (%) | per seed (final / best) | wall, all invocations (min) "
+        "| paper, 600 epochs |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for variant, r in rows.items():
         seeds = ", ".join(f"{v['final']:.2f} / {v['best']:.2f}" for v in r["per_seed"].values())
         paper = f"{r['paper_600_epochs']:.1f}" if r["paper_600_epochs"] else "—"
         spread = f" ± {r['std']:.2f}" if r["std"] is not None else " (one seed)"
-        lines.append(f"| {variant} | {r['epochs']} | {r['mean']:.2f}{spread} | {seeds} | {paper} |")
+        walls = ", ".join(f"{v['wall_s'] / 60:.0f}" if v["wall_s"] else "—" for v in r["per_seed"].values())
+        lines.append(f"| {variant} | {r['epochs']} | {r['mean']:.2f}{spread} | {seeds} | {walls} | {paper} |")
     epochs_done = max(len(v["per_epoch"]) for r in rows.values() for v in r["per_seed"].values())
     lines += ["", f"Top-1 after each epoch (`{curves}`):", "",
               "| variant | seed | " + " | ".join(str(e) for e in range(1, epochs_done + 1)) + " |",

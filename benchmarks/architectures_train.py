@@ -1,0 +1,127 @@
+"""Does ``binarize_model`` on a torchvision classifier give a network that learns? A short plain-PyTorch run.
+
+For each architecture of ``tests/test_architectures.py`` (the smallest input each takes): ``binarize_model``
+with its defaults, then SGD (momentum 0.9, weight decay 5e-4, linear warm-up then cosine, the README's
+recipe) on the seeded ``SyntheticDataModule`` task (class templates + noise + shifts), BatchNorm in
+training mode. Reports the mean training loss of the first and last ``--window`` steps, their ratio, and
+the validation top-1 after training (chance: 10 %). A loss that does not fall, or a non-finite one, is
+flagged. Speed is not the point; CPU is enough.
+
+    python benchmarks/architectures_train.py --steps 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _machine import cpu_name  # noqa: E402
+from test_architectures import ARCHITECTURES, build  # noqa: E402  (the one list of architectures)
+
+from lightning_ovsw import SyntheticDataModule, binarize_model  # noqa: E402
+
+MEAN, STD = 0.5, 0.25  # the synthetic images' range, roughly centred
+
+
+def batches(dm: SyntheticDataModule, train: bool):
+    loader = dm.train_dataloader() if train else dm.val_dataloader()
+    for x, y in loader:
+        yield (x.float() / 255 - MEAN) / STD, y
+
+
+def train_one(name: str, size: int, steps: int, lr: float, warmup: int, batch: int, window: int) -> dict:
+    torch.manual_seed(0)
+    dm = SyntheticDataModule(num_train=batch * 16, num_val=256, image_size=size, batch_size=batch, seed=0)
+    dm.setup("fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # grouped convs kept float
+        model = binarize_model(build(name))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    losses: list[float] = []
+    start = time.perf_counter()
+    model.train()
+    while len(losses) < steps:
+        for x, y in batches(dm, train=True):
+            step = len(losses)
+            if step == steps:
+                break
+            factor = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    seconds = time.perf_counter() - start
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in batches(dm, train=False):
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    finite = all(math.isfinite(v) for v in losses)
+    return {"input": size, "first_loss": round(first, 4), "last_loss": round(last, 4),
+            "ratio": round(last / first, 3) if finite else None, "val_top1": round(100 * correct / total, 2),
+            "falls": finite and last < 0.9 * first, "train_s": round(seconds, 1),
+            "binary_layers": len(model.binarization_report.binarized),
+            "rescaled": len(model.binarization_report.rescaled), "losses": [round(v, 4) for v in losses]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--window", type=int, default=8, help="steps averaged at the start and the end")
+    parser.add_argument("--only", nargs="*", default=None, help="architecture names (default: all)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    if args.steps < 2 * args.window or args.warmup >= args.steps:
+        parser.error("need --steps >= 2 * --window and --warmup < --steps")
+    results = {}
+    print(f"{'architecture':20s} {'first':>7s} {'last':>7s} {'ratio':>6s} {'val top-1':>9s} {'s':>6s}")
+    for name, size, _ in ARCHITECTURES:
+        if args.only and name not in args.only:
+            continue
+        r = results[name] = train_one(name, size, args.steps, args.lr, args.warmup, args.batch, args.window)
+        flag = "" if r["falls"] else "  <- does not fall"
+        print(f"{name:20s} {r['first_loss']:7.3f} {r['last_loss']:7.3f} {r['ratio'] or float('nan'):6.2f} "
+              f"{r['val_top1']:8.1f}% {r['train_s']:6.1f}{flag}", flush=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    record = {
+        "benchmark": "architectures_train", "date": stamp.isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": cpu_name(), "threads": torch.get_num_threads(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchvision": torchvision.__version__},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"data": "SyntheticDataModule(seed=0)"},
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"architectures_train_{stamp:%Y%m%d_%H%M}.json"
+    path.write_text(json.dumps(record, indent=1, default=str))
+    print(f"saved {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+if __name__ == "__main__":
+    main()
