@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from lightning_ovsw.layer_roles import shortcut_projections, unnormalized_layers
 from lightning_ovsw.layers import BinaryConv2d, BinaryLinear, BinaryOptions
-from lightning_ovsw.normalization import unnormalized_layers
 from lightning_ovsw.registry import binary_layers, full_precision_layers, packed_layers
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -33,6 +33,7 @@ ACTIVATION_POLICIES: tuple[str, ...] = ("hardtanh", "keep", "error")
 UnnormalizedPolicy = Literal["mean", "learnable", "float", "keep"]
 UNNORMALIZED_POLICIES: tuple[str, ...] = ("mean", "learnable", "float", "keep")
 _UNNORMALIZED_REASON = "output not normalized (no BatchNorm/LayerNorm after it)"
+_SHORTCUT_REASON = "residual shortcut projection: kept real-valued as in Bi-Real Net / ReActNet (shortcuts=)"
 
 _log = logging.getLogger(__name__)
 
@@ -345,6 +346,7 @@ def binarize_model(
     inplace: bool = False,
     activation: ActivationPolicy = "hardtanh",
     unnormalized: UnnormalizedPolicy = "mean",
+    shortcuts: Literal["float", "binary"] = "float",
     **layer_options,
 ) -> nn.Module:
     """Swap eligible ``nn.Conv2d`` / ``nn.Linear`` modules for ``BinaryConv2d`` / ``BinaryLinear``.
@@ -376,7 +378,7 @@ def binarize_model(
     ``unnormalized``: what to do with selected layers whose output reaches no BatchNorm / GroupNorm /
     LayerNorm (through pooling, reshapes, dropout and concatenation only), e.g. VGG's classifier, squeeze-
     excitation convs, MobileNetV3's head. With the standardized ``alpha`` their output grows with
-    ``sqrt(fan_in)`` (``lightning_ovsw.normalization``):
+    ``sqrt(fan_in)`` (``lightning_ovsw.layer_roles``):
 
     - ``"mean"`` (default): they get ``scale="mean"``, XNOR-Net's ``alpha = mean|W|`` per output channel
       (the float layer's output magnitude; listed in ``binarization_report.rescaled``). Only when the options
@@ -384,6 +386,11 @@ def binarize_model(
     - ``"learnable"``: the same ``alpha`` as a trained parameter (XNOR-Net++; less stable at large lr);
     - ``"float"``: keep them in full precision (with the reason);
     - ``"keep"``: give them the options as they are.
+
+    ``shortcuts``: the convs that project a residual shortcut (torchvision's ``downsample``, RegNet's
+    ``proj``; ``lightning_ovsw.layer_roles``) stay in full precision (``"float"``, default, as in Bi-Real Net
+    and ReActNet: binarized, torchvision's resnet18 hardly learns) or are binarized (``"binary"``). A
+    ``filter_fn`` decides for itself.
 
     The analysis runs on a ``torch.fx`` trace. A model that does not trace gets one warning and, with
     ``"hardtanh"``, every ReLU / ReLU6 module replaced (functional calls cannot be found), with ``"error"`` a
@@ -395,6 +402,8 @@ def binarize_model(
         raise TypeError(f"binarize_model expects an nn.Module, got {type(model).__name__}.")
     if activation not in ACTIVATION_POLICIES:
         raise ValueError(f"activation={activation!r} is not supported; choose one of {ACTIVATION_POLICIES}.")
+    if shortcuts not in ("float", "binary"):
+        raise ValueError(f"shortcuts={shortcuts!r} is not supported; choose 'float' or 'binary'.")
     if unnormalized not in UNNORMALIZED_POLICIES:
         raise ValueError(
             f"unnormalized={unnormalized!r} is not supported; choose one of {UNNORMALIZED_POLICIES}.")
@@ -425,7 +434,16 @@ def binarize_model(
             report.kept_float[name] = reason
         elif chosen:
             selected[name] = module
-    not_normalized = _unnormalized(model, selected) if unnormalized != "keep" else []
+    if report.kept_float:  # unsupported layers; the deliberate choices below are in the report and the log
+        warnings.warn("binarize_model kept these layers in full precision: "
+                      + ", ".join(f"{n} ({r})" for n, r in report.kept_float.items()) + ".", stacklevel=2)
+    graph = _trace(model, selected)
+    if shortcuts == "float" and filter_fn is None and graph is not None:
+        for name in shortcut_projections(graph, dict(model.named_modules()), selected):
+            report.kept_float[name] = _SHORTCUT_REASON
+            del selected[name]
+    not_normalized = (unnormalized_layers(graph, dict(model.named_modules()), selected)
+                      if unnormalized != "keep" and graph is not None else [])
     if unnormalized == "float":
         for name in not_normalized:
             report.kept_float[name] = _UNNORMALIZED_REASON + ": a binary layer's output would grow with sqrt(fan_in)"
@@ -433,9 +451,6 @@ def binarize_model(
         not_normalized = []
     elif options.scale != "standardized":
         not_normalized = []
-    if report.kept_float:
-        warnings.warn("binarize_model kept these layers in full precision: "
-                      + ", ".join(f"{n} ({r})" for n, r in report.kept_float.items()) + ".", stacklevel=2)
     if not selected:
         raise ValueError(
             f"binarize_model found nothing to binarize in {type(model).__name__}: {len(candidates)} conv/linear "
@@ -458,14 +473,13 @@ def binarize_model(
     return model
 
 
-def _unnormalized(model: nn.Module, selected: dict[str, nn.Module]) -> list[str]:
-    """The ``selected`` layers whose output no normalization follows (none found if the model does not trace:
-    the activation analysis warns about that)."""
+def _trace(model: nn.Module, selected: dict[str, nn.Module]) -> fx.Graph | None:
+    """The ``torch.fx`` graph with the ``selected`` layers as leaves, or None if the model does not trace (the
+    activation analysis warns about that)."""
     try:
-        graph = _Tracer({id(m) for m in selected.values()}).trace(model)
+        return _Tracer({id(m) for m in selected.values()}).trace(model)
     except Exception:  # fx cannot trace data-dependent control flow and the like
-        return []
-    return unnormalized_layers(graph, dict(model.named_modules()), selected)
+        return None
 
 
 def _handle_activations(model: nn.Module, selected: dict[str, nn.Module], policy: str,

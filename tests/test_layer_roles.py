@@ -116,3 +116,23 @@ def test_vgg_classifier_gets_the_mean_scale_and_sane_logits():
     with torch.no_grad():
         loss = F.cross_entropy(model.train()(torch.randn(8, 3, 32, 32)), torch.arange(8))
     assert loss < 4, loss
+
+
+@pytest.mark.parametrize(("arch", "want"), [
+    ("resnet18", {f"layer{i}.0.downsample.0" for i in (2, 3, 4)}),
+    ("resnet50", {f"layer{i}.0.downsample.0" for i in (1, 2, 3, 4)}),
+    ("regnet_y_400mf", {f"trunk_output.block{i}.block{i}-0.proj.0" for i in (1, 2, 3, 4)}),
+])
+def test_shortcut_projections_stay_float(arch, want):
+    """Exactly the 1x1 convs of residual shortcuts stay float (not the bottleneck's conv3, which also ends
+    at the add, nor the first conv of either branch's split)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = binarize_model(getattr(torchvision.models, arch)(num_classes=10))
+        binary = binarize_model(getattr(torchvision.models, arch)(num_classes=10), shortcuts="binary")
+    shortcut = {n for n, r in model.binarization_report.kept_float.items() if "shortcut" in r}
+    assert shortcut == want
+    assert want <= set(binary.binarization_report.binarized)
+    assert set(model.binarization_report.binarized) == set(binary.binarization_report.binarized) - want
+    with pytest.raises(ValueError, match="shortcuts='half' is not supported"):
+        binarize_model(torchvision.models.resnet18(), shortcuts="half")

@@ -1,4 +1,6 @@
-"""Which layers of a traced model have a normalized output (what a binary layer's scale depends on).
+"""Roles of the layers of a traced model that decide how ``binarize_model`` treats them.
+
+**Normalized output** (what a binary layer's scale depends on).
 
 A binary layer's output ``op(sign(x), sign(W)) * alpha`` has a magnitude of about ``alpha * sqrt(fan_in)``
 whatever the float weights were, and the standardized ``alpha`` (design §2, about 0.8) leaves that growth
@@ -7,6 +9,11 @@ to the BatchNorm that follows every binary conv in the paper's networks. Where n
 ``0.8 * sqrt(fan_in)`` (127 for VGG's first classifier layer): logits explode and gates saturate.
 ``binarize_model`` gives those layers XNOR-Net's ``alpha = mean|W|`` instead (``scale="mean"``), which
 keeps the float layer's output magnitude, or keeps them float (``unnormalized=``).
+
+**Shortcut projections**: the 1x1 conv (+ BatchNorm) on a residual shortcut, e.g. torchvision's
+``downsample``. Bi-Real Net and ReActNet keep them real-valued: the shortcut is what carries the block
+input's magnitudes past the binary convs. Binarized, torchvision's resnet18 stays near chance in a 48-step
+run where the same network with float shortcuts learns (``benchmarks/architectures_train.py``).
 """
 
 from __future__ import annotations
@@ -67,5 +74,35 @@ def unnormalized_layers(graph: fx.Graph, modules: dict[str, nn.Module], layers: 
                 frontier.extend(user.users)
             normalized = kind != "other"
         if not normalized or not node.users:
+            found.append(names[id(modules[node.target])])
+    return found
+
+
+def _through(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
+    """The first other op after ``node`` along a single chain of normalization / pass-through users (the
+    last node of the chain where it branches or ends)."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if _kind(user, modules) == "other":
+            return user
+        node = user
+    return node
+
+
+_ADDS = (operator.add, operator.iadd, torch.add, "add", "add_")
+
+
+def shortcut_projections(graph: fx.Graph, modules: dict[str, nn.Module], layers: dict[str, nn.Module]) -> list[str]:
+    """Names of the ``layers`` that project a residual shortcut: the layer reads a value that other layers
+    also read (the block input, where the branches split), and its output reaches a residual add through
+    normalization and pass-through ops only (the other branch has its activation before the add)."""
+    names = {id(m): name for name, m in layers.items()}
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_module" or id(modules[node.target]) not in names or not node.args:
+            continue
+        source, after = node.args[0], _through(node, modules)
+        branches = isinstance(source, fx.Node) and len(source.users) > 1
+        if branches and after.op in ("call_function", "call_method") and after.target in _ADDS:
             found.append(names[id(modules[node.target])])
     return found
