@@ -27,6 +27,14 @@ What OpenVINO's CPU plugin does (2026.4; read in its source, confirmed by tests/
   The u1 constant is built on a Tensor that owns its memory: a Tensor made from a numpy array only
   views it, and a Constant made from that Tensor read freed memory once the array was gone (wrong
   results from about 1 KB of weights up, heap corruption).
+* A bug: a binarization FakeQuantize fused into the BinaryConvolution in front of it *together with* that
+  conv's residual Add (its "sum" post-op), as in ``hardtanh(binconv(x) + x)`` read by binary convs only
+  (torchvision's BasicBlock before a downsampling block), gives wrong results (errors of the order of
+  the logits). The plugin fuses such a FakeQuantize only if each of its constant inputs has one
+  consumer, so one constant node serves as both ``input_low`` and ``input_high``: that FakeQuantize
+  runs on its own. Where OpenVINO folds a Multiply/Add into the thresholds (no residual in between)
+  it makes new constants and still fuses; resnet18_1w1a's graph is unchanged (its block outputs also
+  feed float shortcuts, which keeps every FakeQuantize separate anyway).
 * ``in_channels`` not a multiple of 8 gave wrong results (12, 36, 100) or did not compile (3) in a
   quick test, so ``to_openvino`` refuses them; every binary conv of the ResNets has 64..512.
 """
@@ -92,8 +100,8 @@ def binary_conv(x: ov.Node, layer: BinaryConv2d, bitorder: str = "little") -> ov
     if layer.in_channels % CHANNEL_MULTIPLE or layer.groups != 1 or isinstance(layer.padding, str):
         raise ValueError(f"{layer!r}: only groups=1, explicit padding and in_channels % {CHANNEL_MULTIPLE} == 0 are translated.")
     c = layer.in_channels
-    low, high = _f32(np.full((1, c, 1, 1), THRESHOLD)), _f32(np.full((1, c, 1, 1), THRESHOLD))
-    bits = ops.fake_quantize(x, low, high, _f32(np.zeros((1, c, 1, 1))), _f32(np.ones((1, c, 1, 1))), 2)
+    threshold = _f32(np.full((1, c, 1, 1), THRESHOLD))  # one node as input_low and input_high: see the docstring
+    bits = ops.fake_quantize(x, threshold, threshold, _f32(np.zeros((1, c, 1, 1))), _f32(np.ones((1, c, 1, 1))), 2)
     pad = _pair(layer.padding)
     y = ops.binary_convolution(bits, u1_weights(layer.weight, bitorder), _pair(layer.stride), pad, pad,
                                _pair(layer.dilation), "xnor-popcount", float(layer.options.pad_value))
@@ -140,6 +148,8 @@ def _module(x: ov.Node, m: nn.Module, bitorder: str) -> ov.Node:
         return ops.relu(x)
     if isinstance(m, nn.Identity):
         return x
+    if isinstance(m, nn.Flatten) and m.end_dim == -1:
+        return _flatten(x, m.start_dim)
     if isinstance(m, nn.MaxPool2d) and _pair(m.dilation) == [1, 1] and not m.return_indices:
         pad = _pair(m.padding)
         stride = _pair(m.stride or m.kernel_size)
@@ -227,11 +237,12 @@ def runner(compiled: ov.CompiledModel) -> Callable[[torch.Tensor], np.ndarray]:
     return run
 
 
-def compare(model: nn.Module, inputs: Sequence[torch.Tensor], threads: int = 1) -> dict:
-    """OpenVINO's translation of ``model`` vs our ``pack_model(model)`` on each input: max |diff| relative
-    to the max |logit|, and the fraction of all logits within 1e-3 of that max (binary networks amplify
-    a rounding difference where a pre-activation is within rounding of 0, so a few may differ)."""
-    packed = pack_model(model)
+def compare(model: nn.Module, inputs: Sequence[torch.Tensor], threads: int = 1, packed: nn.Module | None = None) -> dict:
+    """OpenVINO's translation of ``model`` vs our ``pack_model(model)`` (or ``packed``) on each input: max
+    |diff| relative to the max |logit|, and the fraction of all logits within 1e-3 of that max (binary
+    networks amplify a rounding difference where a pre-activation is within rounding of 0, so a few may
+    differ)."""
+    packed = pack_model(model) if packed is None else packed
     run = runner(compile_cpu(to_openvino(model, inputs[0].shape), threads))
     rel, agree = [], []
     with torch.inference_mode():
