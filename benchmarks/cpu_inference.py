@@ -4,6 +4,10 @@ Measured in one run on the same cores, at 1 and 2 threads: the packed model (``p
 program after ``torch.export`` round trip, its fp32 float twin (the same architecture with every binary
 layer swapped back to ``nn.Conv2d`` / ``nn.Linear``) and torchvision's fp32 ResNet-18, all channels_last.
 Also per-layer time shares and GEMM rates of the packed model (forward hooks), and the model file sizes.
+With ``openvino`` installed (``pip install -e '.[bench]'``), the baseline a user would otherwise run joins
+the same interleaved loop: the model as an OpenVINO graph (``openvino_baseline.py``: FakeQuantize +
+BinaryConvolution per binary conv, checked against the packed model first) and its fp32 float twin, each
+compiled for latency on the same thread count, plus OpenVINO's per-layer-type times (PERF_COUNT).
 
     python benchmarks/cpu_inference.py [--repeats 30] [--arch resnet18_1w1a|torchvision]
 
@@ -32,6 +36,11 @@ from _machine import cpu_name
 from torch import nn
 from torch.fx.experimental import optimization as fx_optimization
 
+try:
+    import openvino_baseline as ovb
+except ImportError:  # openvino not installed: its rows are skipped
+    ovb = None
+
 import lightning_ovsw
 from lightning_ovsw.export import export_packed, load_exported
 from lightning_ovsw.io import save_packed
@@ -40,6 +49,10 @@ from lightning_ovsw.packed_layers import PackedConv2d, PackedLinear, packed_nbyt
 from lightning_ovsw.packing import pack_model
 
 RESULTS = Path(__file__).parent / "results"
+OPENVINO_ROWS = {
+    "openvino_binary": "OpenVINO binary (BinaryConvolution + FakeQuantize)",
+    "openvino_fp32_twin": "OpenVINO fp32 (float twin)",
+}
 
 
 def binary_model(arch: str) -> tuple[nn.Module, str]:
@@ -156,6 +169,26 @@ def layer_profile(model: nn.Module, x: torch.Tensor, repeats: int) -> list[dict]
     return rows
 
 
+def openvino_setup(model: nn.Module, packed: nn.Module, twin: nn.Module, x: torch.Tensor) -> dict:
+    """The binarized model and its float twin as OpenVINO models, and how exactly they match ours (on ``x``
+    and two more inputs): the binary one against the packed model, the fp32 one against the torch twin."""
+    models = {"openvino_binary": ovb.to_openvino(model, x.shape), "openvino_fp32_twin": ovb.to_openvino(twin, x.shape)}
+    inputs = [x, torch.randn(x.shape), torch.randn(x.shape)]
+    run_twin = ovb.runner(ovb.compile_cpu(models["openvino_fp32_twin"], 1))
+    with torch.inference_mode():
+        twin_diff = max(((torch.from_numpy(run_twin(i)) - twin(i)).abs().max() / twin(i).abs().max()).item()
+                        for i in inputs)
+    return {
+        "version": ovb.ov.__version__,
+        "rows": OPENVINO_ROWS,
+        "compile_config": {"INFERENCE_NUM_THREADS": "the row's thread count", "PERFORMANCE_HINT": "LATENCY",
+                           "INFERENCE_PRECISION_HINT": "f32"},
+        "binary_vs_packed": ovb.compare(model, inputs, packed=packed),
+        "fp32_twin_vs_torch_max_abs_diff_rel": twin_diff,
+        "models": models,
+    }
+
+
 def kernel_info() -> str:
     """What the ovsw ops run on here: the C++ microkernel family, or the reference and why."""
     from lightning_ovsw.kernels import cpu
@@ -198,6 +231,9 @@ def main() -> None:
             "torch_export_pt2": export_packed(packed, x, Path(tmp) / "m.pt2", dynamic_batch=False),
         }
         exported = load_exported(Path(tmp) / "m.pt2")
+    openvino = openvino_setup(model, packed, twin, x) if ovb is not None else None
+    if openvino is None:
+        print("OpenVINO rows skipped: pip install -e '.[bench]'")
     sizes = {
         "files_bytes": files,
         "packed_in_memory_bytes": packed_nbytes(packed),
@@ -213,19 +249,34 @@ def main() -> None:
             "float_twin_fp32": twin,
             "float_twin_fp32_bn_folded": twin_folded, "torchvision_fp32": tv,
         }
+        if openvino is not None:  # compiled for this thread count (OpenVINO ignores torch.set_num_threads)
+            fns |= {k: ovb.runner(ovb.compile_cpu(m, threads)) for k, m in openvino["models"].items()}
         latency[threads] = latencies_ms(fns, x, args.repeats)
     torch.set_num_threads(max(args.threads))
     layers = layer_profile(packed, x, max(5, args.repeats // 3))
+    if openvino is not None:
+        openvino["layer_types_ms"] = {
+            k: ovb.profile_by_type(ovb.compile_cpu(m, max(args.threads), profiling=True), x, max(5, args.repeats // 3))
+            for k, m in openvino.pop("models").items()
+        }
     speedups = {
         t: {
             c: {k: lat[c][k] / lat["packed"][k] for k in ("median", "min")}
-            for c in ("packed_unfused_act", "float_twin_fp32", "float_twin_fp32_bn_folded", "torchvision_fp32")
+            for c in ("packed_unfused_act", "float_twin_fp32", "float_twin_fp32_bn_folded", "torchvision_fp32",
+                      *OPENVINO_ROWS)
+            if c in lat
         }
         for t, lat in latency.items()
     }
 
     print(f"\n{arch}, 224x224, batch 1, channels_last; {cpu_name()}; kernels: {kernel_info()}")
     print(f"packed vs float binarized model: max |diff| {max_diff:.2e}, same argmax: {same_class}")
+    if openvino is not None:
+        check = openvino["binary_vs_packed"]
+        print(f"OpenVINO {openvino['version']}: " + "; ".join(f"{k}: {v}" for k, v in OPENVINO_ROWS.items()))
+        print(f"OpenVINO binary vs packed: max |diff| / max |logit| {check['max_abs_diff_rel']:.2e}, logits within "
+              f"1e-3 of it {check['fraction_logits_agree_1e-3']:.1%}; OpenVINO fp32 twin vs torch twin: "
+              f"{openvino['fp32_twin_vs_torch_max_abs_diff_rel']:.2e}")
     cols = list(next(iter(latency.values())))
     print("median (min) ms  | " + " | ".join(f"{c:>20}" for c in cols))
     for t, lat in latency.items():
@@ -244,6 +295,9 @@ def main() -> None:
         if "shape" in r:
             print(f"  {r['layer']:<24} {r['shape']:<30} {r['ms']:7.3f} ms {r['share']:6.1%} "
                   f"{r['binary_gops']:8.1f} binary GOP/s")
+    for k, types in (openvino or {}).get("layer_types_ms", {}).items():
+        print(f"{k} time by layer type (PERF_COUNT, {max(args.threads)} thread(s)): "
+              + ", ".join(f"{t} {ms:.2f} ms" for t, ms in types.items()))
     print("sizes (bytes): " + json.dumps(sizes))
     print(f"1-min load average at start / end: {load_start:.2f} / {os.getloadavg()[0]:.2f} "
           "(above ~0.5 other processes share the cores: the 2-thread numbers suffer most)")
@@ -258,6 +312,7 @@ def main() -> None:
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "lightning_ovsw": lightning_ovsw.__version__,
+            "openvino": openvino["version"] if openvino else None,
         },
         "kernels": kernel_info(),
         "model": arch,
@@ -268,6 +323,7 @@ def main() -> None:
         "speedup_of_packed": {str(t): v for t, v in speedups.items()},
         "sizes": sizes,
         "layers": layers,
+        "openvino": openvino or "skipped: openvino not installed (pip install -e '.[bench]')",
     }
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"cpu_inference_{now:%Y%m%d_%H%M}.json"
