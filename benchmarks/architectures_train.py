@@ -101,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 2 * args.window or args.warmup >= args.steps:
         parser.error("need --steps >= 2 * --window and --warmup < --steps")
-    results = {}
+    results, load_start = {}, os.getloadavg()[0]
     print(f"{'architecture':20s} {'first':>7s} {'last':>7s} {'ratio':>6s} {'val top-1':>9s} {'s':>6s}")
     for name, size, _ in ARCHITECTURES:
         if args.only and name not in args.only:
@@ -116,7 +116,7 @@ def main() -> None:
         "benchmark": "architectures_train", "date": stamp.isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": cpu_name(), "threads": torch.get_num_threads(),
-        "load_average_1m": round(os.getloadavg()[0], 2),
+        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "torchvision": torchvision.__version__},
         "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"data": "SyntheticDataModule(seed=0)"},

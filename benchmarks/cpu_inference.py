@@ -42,9 +42,11 @@ except ImportError:  # openvino not installed: its rows are skipped
     ovb = None
 
 import lightning_ovsw
+from lightning_ovsw.convert import binarize_model
 from lightning_ovsw.export import export_packed, load_exported
 from lightning_ovsw.io import save_packed
 from lightning_ovsw.layers import BinaryConv2d, BinaryLinear
+from lightning_ovsw.models import resnet18_1w1a
 from lightning_ovsw.packed_layers import PackedConv2d, PackedLinear, packed_nbytes
 from lightning_ovsw.packing import pack_model
 
@@ -56,25 +58,10 @@ OPENVINO_ROWS = {
 
 
 def binary_model(arch: str) -> tuple[nn.Module, str]:
-    """The paper's ImageNet ResNet-18 (zoo) if available and asked for, else a binarized torchvision one."""
+    """The paper's ImageNet ResNet-18 (zoo), or torchvision's ResNet-18 through ``binarize_model``."""
     if arch == "resnet18_1w1a":
-        try:
-            from lightning_ovsw.models import resnet18_1w1a
-
-            return resnet18_1w1a(), "lightning_ovsw.models.resnet18_1w1a"
-        except ImportError as err:
-            print(f"resnet18_1w1a unavailable ({err}); using binarized torchvision resnet18", file=sys.stderr)
-    try:
-        from lightning_ovsw.convert import binarize_model
-
-        return binarize_model(torchvision.models.resnet18()), "binarize_model(torchvision resnet18)"
-    except ImportError:
-        model = torchvision.models.resnet18()
-        for name, m in list(model.named_modules()):
-            if isinstance(m, nn.Conv2d) and name != "conv1":
-                parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent), attr, BinaryConv2d.from_float(m))
-        return model, "torchvision resnet18, binary convs (first conv, fc float)"
+        return resnet18_1w1a(), "lightning_ovsw.models.resnet18_1w1a"
+    return binarize_model(torchvision.models.resnet18()), "binarize_model(torchvision resnet18)"
 
 
 def float_twin(model: nn.Module) -> nn.Module:

@@ -271,14 +271,12 @@ def _retrace_without_relu(owner: nn.Module, leaves: set[int], owners: set[int]) 
     return fx.GraphModule(owner, graph, class_name=type(owner).__name__)
 
 
-def _analyse_graph(model: nn.Module, selected: dict[str, nn.Module]) -> tuple[
+def _analyse_graph(graph: fx.Graph, model: nn.Module, selected: dict[str, nn.Module]) -> tuple[
         dict[str, frozenset[fx.Node]], dict[str, frozenset[fx.Node]], list[fx.Node], dict[str, nn.Module]]:
-    """Trace ``model``; return, for each selected layer with a never-negative input, its sources; the
+    """On ``model``'s trace ``graph``, return for each selected layer with a never-negative input, its sources; the
     activation nodes to replace (a module as a whole, a functional call in every call of its module's
     forward), grown until no replaceable source is left (Hardtanh keeps the sign of what it reads, so a
-    ReLU before a replaced one may show up); and the sources left then. Raises what ``torch.fx`` raises on
-    untraceable code."""
-    graph = _Tracer({id(m) for m in selected.values()}).trace(model)
+    ReLU before a replaced one may show up); and the sources left then."""
     modules = dict(model.named_modules())
     names = {id(m): name for name, m in selected.items()}
     chosen: set[int] = set()  # ids of replaced activation modules and of modules whose F.relu calls are
@@ -437,12 +435,12 @@ def binarize_model(
     if report.kept_float:  # unsupported layers; the deliberate choices below are in the report and the log
         warnings.warn("binarize_model kept these layers in full precision: "
                       + ", ".join(f"{n} ({r})" for n, r in report.kept_float.items()) + ".", stacklevel=2)
-    graph = _trace(model, selected)
+    graph, trace_error = _trace(model, selected)
     if shortcuts == "float" and filter_fn is None and graph is not None:
-        for name in shortcut_projections(graph, dict(model.named_modules()), selected):
+        for name in shortcut_projections(graph, modules, selected):
             report.kept_float[name] = _SHORTCUT_REASON
             del selected[name]
-    not_normalized = (unnormalized_layers(graph, dict(model.named_modules()), selected)
+    not_normalized = (unnormalized_layers(graph, modules, selected)
                       if unnormalized != "keep" and graph is not None else [])
     if unnormalized == "float":
         for name in not_normalized:
@@ -457,7 +455,7 @@ def binarize_model(
             f"layers, of which {len(skipped)} skipped by skip_first/skip_last and the rest rejected by filter_fn "
             "or unsupported. Pass skip_first=False / skip_last=False or a different filter_fn."
         )
-    model = _handle_activations(model, selected, activation, report)
+    model = _handle_activations(model, selected, activation, report, graph, trace_error)
     swaps = {}
     for name, module in selected.items():
         cls = BinaryConv2d if isinstance(module, nn.Conv2d) else BinaryLinear
@@ -473,35 +471,35 @@ def binarize_model(
     return model
 
 
-def _trace(model: nn.Module, selected: dict[str, nn.Module]) -> fx.Graph | None:
-    """The ``torch.fx`` graph with the ``selected`` layers as leaves, or None if the model does not trace (the
-    activation analysis warns about that)."""
+def _trace(model: nn.Module, selected: dict[str, nn.Module]) -> tuple[fx.Graph | None, Exception | None]:
+    """The ``torch.fx`` graph with the ``selected`` layers as leaves (traced once, for every analysis), or
+    None and the error if the model does not trace."""
     try:
-        return _Tracer({id(m) for m in selected.values()}).trace(model)
-    except Exception:  # fx cannot trace data-dependent control flow and the like
-        return None
+        return _Tracer({id(m) for m in selected.values()}).trace(model), None
+    except Exception as err:  # fx cannot trace data-dependent control flow and the like
+        return None, err
 
 
-def _handle_activations(model: nn.Module, selected: dict[str, nn.Module], policy: str,
-                        report: ConversionReport) -> nn.Module:
-    """Find the never-negative inputs of the ``selected`` layers and apply ``policy``; returns the model
-    (a GraphModule if a root-level functional ReLU was replaced)."""
+def _handle_activations(model: nn.Module, selected: dict[str, nn.Module], policy: str, report: ConversionReport,
+                        graph: fx.Graph | None, trace_error: Exception | None) -> nn.Module:
+    """Find the never-negative inputs of the ``selected`` layers on ``graph`` (None: the model did not trace,
+    with ``trace_error``) and apply ``policy``; returns the model (a GraphModule if a root-level functional
+    ReLU was replaced)."""
     leaves = {id(m) for m in selected.values()}
     transformer = _transformer_sources(model, selected)
-    try:
-        found, remaining, to_replace, modules = _analyse_graph(model, selected)
-    except Exception as err:  # fx cannot trace data-dependent control flow and the like
+    if graph is None:
         report.traced = False
         relus = [n for n, m in model.named_modules() if _replaceable_module(m)]
         what = {"hardtanh": f"every ReLU/ReLU6 module is replaced by nn.Hardtanh ({len(relus)}); functional "
                             "calls (F.relu) cannot be found and stay",
                 "keep": "binary layers may read never-negative inputs (ReLU outputs) and output constants",
                 "error": ""}[policy]
-        message = (f"binarize_model: the model does not trace with torch.fx ({type(err).__name__}: {err}), so "
+        message = (f"binarize_model: the model does not trace with torch.fx ({type(trace_error).__name__}: "
+                   f"{trace_error}), so "
                    "the activations that feed each binary layer cannot be checked")
         if policy == "error":
             raise ValueError(message + "; pass activation='hardtanh' (replaces every ReLU module) or 'keep', or "
-                             "make the model traceable.") from err
+                             "make the model traceable.") from trace_error
         warnings.warn(f"{message}: {what}.", stacklevel=3)
         if policy == "hardtanh":
             for n in relus:
@@ -509,6 +507,7 @@ def _handle_activations(model: nn.Module, selected: dict[str, nn.Module], policy
             _replace_by_id(model, {id(m): _hardtanh_for(m) for m in model.modules() if _replaceable_module(m)})
             _replace_transformer_activations(model, transformer, report)
         return model
+    found, remaining, to_replace, modules = _analyse_graph(graph, model, selected)
     for layer, sources in found.items():
         report.non_negative_inputs[layer] = sorted(_describe(n) for n in sources)
     for layer, act in transformer.items():

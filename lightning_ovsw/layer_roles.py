@@ -19,6 +19,7 @@ run where the same network with float shortcuts learns (``benchmarks/architectur
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,16 +54,21 @@ def _kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return "pass" if node.op == "call_method" and node.target in _PASS_METHODS else "other"
 
 
+def _layer_nodes(graph: fx.Graph, modules: dict[str, nn.Module], layers: dict[str, nn.Module]) -> Iterator[tuple[str, fx.Node]]:
+    """``(name, node)`` of every call of one of ``layers`` in ``graph``."""
+    names = {id(m): name for name, m in layers.items()}
+    for node in graph.nodes:
+        if node.op == "call_module" and id(modules[node.target]) in names:
+            yield names[id(modules[node.target])], node
+
+
 def unnormalized_layers(graph: fx.Graph, modules: dict[str, nn.Module], layers: dict[str, nn.Module]) -> list[str]:
     """Names of the ``layers`` (leaf ``call_module`` nodes of ``graph``) whose output reaches anything but a
     normalization layer (BatchNorm, GroupNorm, LayerNorm, InstanceNorm), through pass-through ops only
     (pooling, flatten, reshapes, dropout, identity, concatenation). Layers that do not appear in the graph
     (inside a module the trace keeps whole) are not listed."""
-    names = {id(m): name for name, m in layers.items()}
     found = []
-    for node in graph.nodes:
-        if node.op != "call_module" or id(modules[node.target]) not in names:
-            continue
+    for name, node in _layer_nodes(graph, modules, layers):
         frontier, seen, normalized = list(node.users), set(), True
         while frontier and normalized:
             user = frontier.pop()
@@ -74,7 +80,7 @@ def unnormalized_layers(graph: fx.Graph, modules: dict[str, nn.Module], layers: 
                 frontier.extend(user.users)
             normalized = kind != "other"
         if not normalized or not node.users:
-            found.append(names[id(modules[node.target])])
+            found.append(name)
     return found
 
 
@@ -96,13 +102,10 @@ def shortcut_projections(graph: fx.Graph, modules: dict[str, nn.Module], layers:
     """Names of the ``layers`` that project a residual shortcut: the layer reads a value that other layers
     also read (the block input, where the branches split), and its output reaches a residual add through
     normalization and pass-through ops only (the other branch has its activation before the add)."""
-    names = {id(m): name for name, m in layers.items()}
     found = []
-    for node in graph.nodes:
-        if node.op != "call_module" or id(modules[node.target]) not in names or not node.args:
-            continue
-        source, after = node.args[0], _through(node, modules)
+    for name, node in _layer_nodes(graph, modules, layers):
+        source, after = node.args[0] if node.args else None, _through(node, modules)
         branches = isinstance(source, fx.Node) and len(source.users) > 1
         if branches and after.op in ("call_function", "call_method") and after.target in _ADDS:
-            found.append(names[id(modules[node.target])])
+            found.append(name)
     return found

@@ -1,7 +1,6 @@
 """ClassificationModule and the ``lightning-ovsw`` CLI: every recipe runs, schedules follow the equations."""
 
 import importlib
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from _benchmarks import load_benchmark
 from torch import nn
 
 from lightning_ovsw.cli import build_cli, main
@@ -198,16 +198,8 @@ def test_module_arguments():
         ClassificationModule("alexnet")
 
 
-def _flip_analysis():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "flip_analysis.py"
-    spec = importlib.util.spec_from_file_location("flip_analysis", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_flip_analysis_histogram_against_brute_force():
-    fa = _flip_analysis()
+    fa = load_benchmark("flip_analysis")
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(500, generator=g) * 2, torch.randint(0, 7, (500,), generator=g)
     counts = fa.histogram2d(x, y, bins=5, x_max=2.0, y_max=7.0)
@@ -234,7 +226,7 @@ def test_flip_analysis_on_short_vanilla_and_ovsw_runs(tmp_path, monkeypatch):
         cli = build_cli(["fit", "-c", str(config), *CPU, *_synthetic(), *args,
                          f"--trainer.logger.init_args.save_dir={name}"])
         ckpts[name], steps[name] = next(Path(name).rglob("last.ckpt")), cli.trainer.global_step
-    fa = _flip_analysis()
+    fa = load_benchmark("flip_analysis")
     result = fa.main(["--vanilla", str(ckpts["vanilla"]), "--ovsw", str(ckpts["ovsw"]), "--out", "fa"])
     for name, ckpt in ckpts.items():
         row = result["runs"][name]

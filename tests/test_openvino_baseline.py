@@ -1,8 +1,5 @@
 """benchmarks/openvino_baseline.py: OpenVINO's translation of a binarized model equals our packed model."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -15,16 +12,10 @@ from lightning_ovsw.models.resnet_imagenet import ImageNetBlock
 
 pytest.importorskip("openvino")
 
+from _benchmarks import load_benchmark  # noqa: E402
 
-def _baseline():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "openvino_baseline.py"
-    spec = importlib.util.spec_from_file_location("openvino_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ob = _baseline()
+ob = load_benchmark("openvino_baseline")
+cpu_inference = load_benchmark("cpu_inference")  # its calibrate and float_twin, the benchmark's own
 
 
 class TinyNet(nn.Module):
@@ -63,19 +54,6 @@ def torchvision_style() -> nn.Module:
     return binarize_model(net)
 
 
-def _calibrated(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm affine parameters and running statistics."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.3, 0.3)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, 3, 32, 32))
-    return model.eval()
-
-
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("pad_value", [0, 1])
 def test_binary_conv_equals_layer_also_at_zero(stride, pad_value):
@@ -97,7 +75,7 @@ def test_binary_conv_equals_layer_also_at_zero(stride, pad_value):
 @pytest.mark.parametrize("net", [TinyNet, lambda: TinyNet(pad_value=1), torchvision_style],
                          ids=["imagenet_block", "imagenet_block_pad1", "torchvision_block"])
 def test_tiny_network_equals_packed_model(net):
-    model = _calibrated(net())
+    model = cpu_inference.calibrate(net())
     inputs = [torch.randn(1, 3, 32, 32) for _ in range(3)]
     result = ob.compare(model, inputs)
     assert result["fraction_logits_agree_1e-3"] == 1.0, result
@@ -108,13 +86,8 @@ def test_tiny_network_equals_packed_model(net):
 
 def test_float_network_equals_torch():
     """Without binary layers the translation is the plain fp32 twin (the benchmark's 'OpenVINO fp32' row)."""
-    model = _calibrated(TinyNet())
-    for name, m in list(model.named_modules()):
-        if isinstance(m, BinaryConv2d):
-            plain = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, bias=False)
-            plain.weight = m.weight
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, plain)
+    model = cpu_inference.float_twin(cpu_inference.calibrate(TinyNet()))
+    assert not any(isinstance(m, BinaryConv2d) for m in model.modules())
     x = torch.randn(1, 3, 32, 32)
     out = ob.runner(ob.compile_cpu(ob.to_openvino(model, x.shape), 1))(x)
     with torch.no_grad():
