@@ -3,7 +3,8 @@
 Measured in one run on the same cores, at 1 and 2 threads: the packed model (``pack_model``), the same
 program after ``torch.export`` round trip, its fp32 float twin (the same architecture with every binary
 layer swapped back to ``nn.Conv2d`` / ``nn.Linear``) and torchvision's fp32 ResNet-18, all channels_last.
-Also per-layer time shares and GEMM rates of the packed model (forward hooks), and the model file sizes.
+Also per-layer time shares and GEMM rates of the packed model (forward hooks), each as a share of this
+CPU's XNOR-popcount instruction limit (``popcount_peak.py``), and the model file sizes.
 With ``openvino`` installed (``pip install -e '.[bench]'``), the baseline a user would otherwise run joins
 the same interleaved loop: the model as an OpenVINO graph (``openvino_baseline.py``: FakeQuantize +
 BinaryConvolution per binary conv, checked against the packed model first) and its fp32 float twin, each
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+import popcount_peak
 from _machine import cpu_name
 from torch import nn
 from torch.fx.experimental import optimization as fx_optimization
@@ -241,6 +243,10 @@ def main() -> None:
         latency[threads] = latencies_ms(fns, x, args.repeats)
     torch.set_num_threads(max(args.threads))
     layers = layer_profile(packed, x, max(5, args.repeats // 3))
+    peak = popcount_peak.measure(max(args.threads))  # the XNOR-popcount instruction limit on these threads
+    for r in layers:
+        if peak and "binary_gops" in r:
+            r["share_of_popcount_peak"] = r["binary_gops"] / peak["binary_gops"]
     if openvino is not None:
         openvino["layer_types_ms"] = {
             k: ovb.profile_by_type(ovb.compile_cpu(m, max(args.threads), profiling=True), x, max(5, args.repeats // 3))
@@ -277,11 +283,14 @@ def main() -> None:
         by_type[r["type"]] += r["share"]
     print("time share by layer type (packed, hooks): "
           + ", ".join(f"{k} {v:.0%}" for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])))
-    print("packed conv layers:")
+    print(f"packed conv layers ({max(args.threads)} thread(s)); "
+          + (f"popcount peak {peak['binary_gops']:.0f} binary GOP/s ({peak['loop']}, benchmarks/popcount_peak.py)"
+             if peak else "popcount peak not measured (needs AVX-512 VPOPCNTDQ and a compiler)") + ":")
     for r in layers:
         if "shape" in r:
+            of_peak = f" {r['share_of_popcount_peak']:6.1%} of peak" if peak else ""
             print(f"  {r['layer']:<24} {r['shape']:<30} {r['ms']:7.3f} ms {r['share']:6.1%} "
-                  f"{r['binary_gops']:8.1f} binary GOP/s")
+                  f"{r['binary_gops']:8.1f} binary GOP/s{of_peak}")
     for k, types in (openvino or {}).get("layer_types_ms", {}).items():
         print(f"{k} time by layer type (PERF_COUNT, {max(args.threads)} thread(s)): "
               + ", ".join(f"{t} {ms:.2f} ms" for t, ms in types.items()))
@@ -310,6 +319,7 @@ def main() -> None:
         "speedup_of_packed": {str(t): v for t, v in speedups.items()},
         "sizes": sizes,
         "layers": layers,
+        "popcount_peak": peak,
         "openvino": openvino or "skipped: openvino not installed (pip install -e '.[bench]')",
     }
     RESULTS.mkdir(exist_ok=True)
