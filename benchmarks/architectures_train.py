@@ -46,13 +46,13 @@ def batches(dm: SyntheticDataModule, train: bool):
 
 
 def train_one(name: str, size: int, steps: int, optimizer: str, lr: float, warmup: int, batch: int,
-              window: int) -> dict:
+              window: int, binary: bool = True) -> dict:
     torch.manual_seed(0)
     dm = SyntheticDataModule(num_train=batch * 16, num_val=256, image_size=size, batch_size=batch, seed=0)
     dm.setup("fit")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # grouped convs kept float
-        model = binarize_model(build(name))
+        model = binarize_model(build(name)) if binary else build(name)
     opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4) if optimizer == "sgd"
            else torch.optim.Adam(model.parameters(), lr=lr))
     losses: list[float] = []
@@ -83,8 +83,8 @@ def train_one(name: str, size: int, steps: int, optimizer: str, lr: float, warmu
     return {"input": size, "first_loss": round(first, 4), "last_loss": round(last, 4),
             "ratio": round(last / first, 3) if finite else None, "val_top1": round(100 * correct / total, 2),
             "falls": finite and last < 0.9 * first, "train_s": round(seconds, 1),
-            "binary_layers": len(model.binarization_report.binarized),
-            "rescaled": len(model.binarization_report.rescaled), "losses": [round(v, 4) for v in losses]}
+            "binary_layers": len(model.binarization_report.binarized) if binary else 0,
+            "rescaled": len(model.binarization_report.rescaled) if binary else 0, "losses": [round(v, 4) for v in losses]}
 
 
 def main() -> None:
@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--window", type=int, default=8, help="steps averaged at the start and the end")
+    parser.add_argument("--float", action="store_true",
+                        help="train the float torchvision models instead (the control: does the protocol learn?)")
     parser.add_argument("--only", nargs="*", default=None, help="architecture names (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
@@ -107,9 +109,9 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         r = results[name] = train_one(name, size, args.steps, args.optimizer, args.lr, args.warmup, args.batch,
-                                             args.window)
+                                             args.window, binary=not args.float)
         flag = "" if r["falls"] else "  <- does not fall"
-        print(f"{name:20s} {r['first_loss']:7.3f} {r['last_loss']:7.3f} {r['ratio'] or float('nan'):6.2f} "
+        print(f"{name:20s} {r['first_loss']:7.3f} {r['last_loss']:7.3f} {float('nan') if r['ratio'] is None else r['ratio']:6.2f} "
               f"{r['val_top1']:8.1f}% {r['train_s']:6.1f}{flag}", flush=True)
     stamp = datetime.datetime.now(datetime.timezone.utc)
     record = {
@@ -123,7 +125,7 @@ def main() -> None:
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"architectures_train_{stamp:%Y%m%d_%H%M}.json"
+    path = args.out / f"architectures_train{'_float' if args.float else ''}_{stamp:%Y%m%d_%H%M}.json"
     path.write_text(json.dumps(record, indent=1, default=str))
     print(f"saved {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
