@@ -25,10 +25,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from kernels.cpu import _cpp_extension  # noqa: E402  (the quiet cpp_extension import)
+from lightning_ovsw.kernels.cpu import _cpp_extension  # the quiet cpp_extension import
 
 CHAINS = 12  # independent accumulators (OVSW_ALL in the C++): more than latency x throughput on any x86 core
 
