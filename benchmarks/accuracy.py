@@ -6,7 +6,9 @@ between kernels). ``--epochs`` stops every run early on the full ``--schedule-ep
 later invocation with ``--resume`` and a larger ``--epochs`` continues each run from its ``last.ckpt`` on the
 same schedule. Then it reads the final and best ``val/acc1`` from the TensorBoard logs, runs
 ``flip_analysis.py`` on the vanilla and AGS+SAD runs of the first seed, and writes
-``benchmarks/results/accuracy.{md,json}``.
+``benchmarks/results/accuracy.{md,json}``. Run folders are not kept between machine sessions, so an
+ablation longer than one session finishes in parts: ``--carry benchmarks/results/accuracy.json`` takes the
+variants that have no run here from the earlier record, marked with the invocation that trained them.
 
     python benchmarks/accuracy.py --data ../shared/data/cifar10-jpeg.tar.xz --epochs 30 --parallel 8
 """
@@ -77,6 +79,36 @@ def read_accuracy(directory: Path) -> dict[str, float | int]:
             "wall_s": sum(i["wall_s"] for i in invocations) or None, "invocations": len(invocations)}
 
 
+def read_carry(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The earlier record ``--carry`` names, refused unless it is an accuracy record of this model and schedule."""
+    if not args.carry.is_file():
+        parser.error(f"--carry {args.carry}: no such file (pass an earlier benchmarks/results/accuracy.json)")
+    try:
+        earlier = json.loads(args.carry.read_text())
+    except json.JSONDecodeError as err:
+        parser.error(f"--carry {args.carry}: not JSON ({err})")
+    mismatch = [f"{k}={earlier.get(k)!r} (here {v!r})" for k, v in
+                (("benchmark", "accuracy"), ("model", args.model), ("schedule_epochs", args.schedule_epochs))
+                if earlier.get(k) != v]
+    if mismatch:
+        parser.error(f"--carry {args.carry} is another experiment: " + ", ".join(mismatch))
+    return earlier
+
+
+def carry_rows(rows: dict, earlier: dict, variants: list[str]) -> dict:
+    """``rows`` with each variant that has no run here taken from ``earlier``, marked with its date and command
+    (in ``variants`` order)."""
+    merged = {}
+    for variant in variants:
+        if variant in rows:
+            merged[variant] = rows[variant]
+        elif variant in earlier["results"]:
+            old = earlier["results"][variant]
+            merged[variant] = old | {"carried_from": old.get("carried_from") or
+                                     {"date": earlier["date"], "command": earlier["command"]}}
+    return merged
+
+
 def plot_curves(rows: dict, out: Path, title: str) -> str:
     """Top-1 after every epoch, one line per (variant, seed); returns the PNG's file name."""
     from matplotlib.figure import Figure
@@ -111,11 +143,16 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "accuracy")
     parser.add_argument("--resume", action="store_true", help="continue runs from their last.ckpt")
     parser.add_argument("--report-only", action="store_true", help="train nothing; tabulate the runs already in --runs")
+    parser.add_argument("--carry", type=Path, default=None,
+                        help="an earlier accuracy .json (same model and schedule): variants with no run in --runs are "
+                             "taken from it, marked as carried, so an ablation longer than one machine session can "
+                             "finish in parts (the flip analysis too, when vanilla or AGS+SAD is carried)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy")
     parser.add_argument("extra", nargs="*", help="more CLI overrides after --, e.g. -- --trainer.precision=32-true")
     args = parser.parse_args()
     if args.schedule_epochs < args.epochs:
         parser.error("--schedule-epochs must be >= --epochs")
+    earlier = read_carry(parser, args) if args.carry else None
 
     later = args.variants if args.later_seeds_variants is None else args.later_seeds_variants
     jobs = [] if args.report_only else [
@@ -156,8 +193,11 @@ def main() -> None:
             "epochs": min(r["epochs"] for r in per_seed.values()),
             "paper_600_epochs": PAPER[args.model].get(variant),
         }
-    flips = None
-    if {"vanilla", "AGS+SAD"} <= set(args.variants):
+    if earlier:
+        rows = carry_rows(rows, earlier, args.variants)
+    carried_pair = earlier and any("carried_from" in rows.get(v, {}) for v in ("vanilla", "AGS+SAD"))
+    flips = earlier["flip_analysis"] if carried_pair else None  # computed from the checkpoints that are here
+    if flips is None and {"vanilla", "AGS+SAD"} <= set(rows):
         sys.path.insert(0, str(Path(__file__).parent))
         import flip_analysis
 
@@ -196,7 +236,11 @@ def main() -> None:
         paper = f"{r['paper_600_epochs']:.1f}" if r["paper_600_epochs"] else "—"
         spread = f" ± {r['std']:.2f}" if r["std"] is not None else " (one seed)"
         walls = ", ".join(f"{v['wall_s'] / 60:.0f}" if v["wall_s"] else "—" for v in r["per_seed"].values())
-        lines.append(f"| {variant} | {r['epochs']} | {r['mean']:.2f}{spread} | {seeds} | {walls} | {paper} |")
+        name = f"{variant} (carried, {r['carried_from']['date'][:10]})" if "carried_from" in r else variant
+        lines.append(f"| {name} | {r['epochs']} | {r['mean']:.2f}{spread} | {seeds} | {walls} | {paper} |")
+    carried = [(v, r["carried_from"]) for v, r in rows.items() if "carried_from" in r]
+    if carried:
+        lines += [""] + [f"{v}: carried from the invocation of {c['date'][:16]}, `{c['command']}`." for v, c in carried]
     epochs_done = max(len(v["per_epoch"]) for r in rows.values() for v in r["per_seed"].values())
     lines += ["", f"Top-1 after each epoch (`{curves}`):", "",
               "| variant | seed | " + " | ".join(str(e) for e in range(1, epochs_done + 1)) + " |",

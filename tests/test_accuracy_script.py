@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from _benchmarks import load_benchmark
 from test_data import make_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,3 +38,36 @@ def test_accuracy_driver_runs_variants_and_reports(tmp_path):
     assert "| AGS+SAD | 2 |" in out.with_suffix(".md").read_text()
     assert (tmp_path / "acc_flips.png").exists() and (tmp_path / "acc_curves.png").exists()
     assert set(record["flip_analysis"]["all_layers"]) >= {"layer1.0.conv1", "layer3.2.conv2"}
+
+
+def _earlier_record(**overrides) -> dict:
+    run = {"final": 50.0, "best": 51.0, "per_epoch": [40.0, 50.0], "epochs": 2, "wall_s": 60.0, "invocations": 1}
+    return {"benchmark": "accuracy", "model": "resnet20", "schedule_epochs": 10, "date": "2026-12-01T10:00:00",
+            "command": "python benchmarks/accuracy.py --variants SAD", "flip_analysis": {"from": "earlier"},
+            "results": {v: {"per_seed": {"0": run}, "mean": 50.0, "std": None, "epochs": 2} for v in ("vanilla", "SAD")}
+            } | overrides
+
+
+def test_carry_takes_only_variants_without_a_run_here_and_keeps_their_origin():
+    accuracy = load_benchmark("accuracy")
+    here = {"vanilla": {"per_seed": {0: {"final": 60.0}}}}
+    earlier = _earlier_record()
+    merged = accuracy.carry_rows(here, earlier, ["vanilla", "AGS+SAD", "SAD"])
+    assert list(merged) == ["vanilla", "SAD"]  # AGS+SAD: in neither; order of --variants
+    assert merged["vanilla"] is here["vanilla"]  # a run here wins over the earlier record
+    assert merged["SAD"]["carried_from"] == {"date": earlier["date"], "command": earlier["command"]}
+    # carried twice: the row still names the invocation that trained it
+    again = accuracy.carry_rows({}, _earlier_record(date="2026-12-05", command="report", results=merged), ["SAD"])
+    assert again["SAD"]["carried_from"]["command"] == earlier["command"]
+
+
+def test_carry_refuses_another_experiment_and_missing_files(tmp_path, capsys, monkeypatch):
+    accuracy = load_benchmark("accuracy")
+    path = tmp_path / "accuracy.json"
+    path.write_text(json.dumps(_earlier_record(schedule_epochs=600)))
+    argv = ["accuracy.py", "--data", "x", "--epochs", "10", "--schedule-epochs", "10", "--report-only", "--carry"]
+    for carry, message in ((path, "is another experiment: schedule_epochs=600"), (tmp_path / "no.json", "no such file")):
+        with pytest.raises(SystemExit):
+            monkeypatch.setattr(sys, "argv", [*argv, str(carry)])
+            accuracy.main()
+        assert message in capsys.readouterr().err
