@@ -57,6 +57,33 @@ def command(args: argparse.Namespace, variant: str, seed: int) -> list[str]:
     return cmd
 
 
+def completed_epochs(directory: Path) -> int:
+    """Epochs this run has validated so far (its ``val/acc1`` points); 0 when it has no log yet."""
+    if not (directory / "tb" / "version_0").is_dir():
+        return 0
+    try:
+        return len(read_accuracy(directory)["per_epoch"])
+    except KeyError:  # started, but stopped before its first validation
+        return 0
+
+
+def pending_jobs(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """The (variant, seed) runs to start, seed-major (every variant's first seed finishes before any second
+    seed starts); with ``--resume`` a run that already reached ``--epochs`` is not started again."""
+    later = args.variants if args.later_seeds_variants is None else args.later_seeds_variants
+    jobs = []
+    for i, seed in enumerate(args.seeds):
+        for variant in args.variants:
+            if i and variant not in later:
+                continue
+            done = completed_epochs(run_dir(args.runs, args.model, variant, seed))
+            if args.resume and done >= args.epochs:
+                print(f"{variant} seed {seed}: already at {done} epochs, not started again")
+                continue
+            jobs.append((variant, seed))
+    return jobs
+
+
 def record_invocation(directory: Path, cmd: list[str], wall_s: float, returncode: int) -> None:
     """Append this invocation (command, wall time, exit code) to the run's ``invocations.json``."""
     path = directory / "invocations.json"
@@ -154,10 +181,7 @@ def main() -> None:
         parser.error("--schedule-epochs must be >= --epochs")
     earlier = read_carry(parser, args) if args.carry else None
 
-    later = args.variants if args.later_seeds_variants is None else args.later_seeds_variants
-    jobs = [] if args.report_only else [
-        (v, s) for i, s in enumerate(args.seeds) for v in args.variants if i == 0 or v in later
-    ]  # seed-major: every variant's first seed finishes before any second seed starts
+    jobs = [] if args.report_only else pending_jobs(args)
     start, running, failed = time.time(), [], []
     while jobs or running:
         while jobs and len(running) < args.parallel:

@@ -5,8 +5,8 @@ in the checkpoint) and the final latent weights ``W`` next to them, then reports
 binary conv (e.g. ``layer3.2.conv2`` of ResNet-20; ``--layer`` picks another one):
 
 * the share of weights that never flipped (paper: more than half in a vanilla BNN, few under OvSW);
-* a picture of flip count (y, up) against ``|W|`` (x, right), one panel per run (vanilla left, OvSW
-  right), log-scaled density, white = empty; saved as PNG with torchvision (no matplotlib needed).
+* a picture of flip count (y) against ``|W|`` (x), one panel per run (vanilla left, OvSW right) on the
+  same bins and colour scale: FlipMonitor's TensorBoard figure (``callbacks.dashboard``), saved as PNG.
 
 Usage::
 
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from lightning_ovsw.callbacks.dashboard import flip_count_panels
 
 
 def _tensors(obj: object, path: str = "") -> Iterator[tuple[str, Tensor]]:
@@ -72,23 +74,6 @@ def never_flipped_share(flips: Tensor) -> float:
     return float((flips == 0).double().mean())
 
 
-def histogram2d(x: Tensor, y: Tensor, bins: int, x_max: float, y_max: float) -> Tensor:
-    """Counts ``[bins (y), bins (x)]`` of the points ``(x, y)`` in ``[0, x_max] x [0, y_max]`` (clamped)."""
-    xi = (x.double().flatten() / x_max * bins).long().clamp_(0, bins - 1)
-    yi = (y.double().flatten() / y_max * bins).long().clamp_(0, bins - 1)
-    return torch.bincount(yi * bins + xi, minlength=bins * bins).view(bins, bins)
-
-
-def heatmap(counts: Tensor, scale: int = 3) -> Tensor:
-    """uint8 RGB ``[3, H, W]`` of ``log1p(counts)``, y axis up; empty bins white; ``scale`` px per bin."""
-    v = torch.log1p(counts.double())
-    v = (v / v.max().clamp(min=1e-12)).flip(0)
-    rgb = torch.stack([v, v.sqrt() * 0.8, 1 - v]) * 255  # blue (sparse) -> yellow (dense)
-    rgb[:, counts.flip(0) == 0] = 255
-    img = rgb.round().to(torch.uint8)
-    return img.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-
-
 def analyse(runs: dict[str, Path], layer: str | None, bins: int, out: Path) -> dict:
     """Statistics per run and the side-by-side picture; returns the JSON-ready result."""
     data = {}
@@ -98,9 +83,7 @@ def analyse(runs: dict[str, Path], layer: str | None, bins: int, out: Path) -> d
         if chosen not in flips:
             raise ValueError(f"{ckpt}: layer {chosen!r} not tracked; tracked: {sorted(flips)}")
         data[name] = (chosen, *flips[chosen])
-    x_max = max(float(w.abs().max()) for _, _, w in data.values()) or 1.0
-    y_max = max(float(f.max()) for _, f, _ in data.values()) + 1.0
-    panels, rows = [], {}
+    rows = {}
     for name, (chosen, flips, w) in data.items():
         rows[name] = {
             "checkpoint": str(runs[name]), "layer": chosen, "weights": flips.numel(),
@@ -109,15 +92,12 @@ def analyse(runs: dict[str, Path], layer: str | None, bins: int, out: Path) -> d
             "mean_abs_w_never_flipped": float(w.abs()[flips == 0].mean()) if (flips == 0).any() else None,
             "mean_abs_w_flipped": float(w.abs()[flips > 0].mean()) if (flips > 0).any() else None,
         }
-        panels.append(heatmap(histogram2d(w.abs(), flips, bins, x_max, y_max)))
-        panels.append(torch.zeros(3, panels[-1].shape[1], 4, dtype=torch.uint8))  # black separator
-    from torchvision.io import write_png
-
+    label = {"vanilla": "vanilla BNN", "ovsw": "OvSW (AGS+SAD)"}
+    figure = flip_count_panels({f"{label[name]}: {chosen}, {100 * rows[name]['never_flipped_share']:.1f} % never flipped":
+                                (w.abs(), flips) for name, (chosen, flips, w) in data.items()}, bins)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_png(torch.cat(panels[:-1], dim=2), str(out.with_suffix(".png")))
-    picture = {"file": out.with_suffix(".png").name, "x": f"|W| in [0, {x_max:.4g}]",
-               "y": f"flip count in [0, {y_max:.0f}]", "panels": list(runs), "bins": bins}
-    return {"runs": rows, "picture": picture}
+    figure.savefig(out.with_suffix(".png"))
+    return {"runs": rows, "picture": {"file": out.with_suffix(".png").name, "panels": list(runs), "bins": bins}}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -38,6 +39,13 @@ def test_accuracy_driver_runs_variants_and_reports(tmp_path):
     assert "| AGS+SAD | 2 |" in out.with_suffix(".md").read_text()
     assert (tmp_path / "acc_flips.png").exists() and (tmp_path / "acc_curves.png").exists()
     assert set(record["flip_analysis"]["all_layers"]) >= {"layer1.0.conv1", "layer3.2.conv2"}
+
+    accuracy = load_benchmark("accuracy")  # which runs a later invocation would start
+    args = argparse.Namespace(model="resnet20", runs=tmp_path / "runs", variants=["vanilla", "AGS+SAD", "SAD"],
+                              seeds=[0, 1], later_seeds_variants=["vanilla"], epochs=2, resume=True)
+    assert accuracy.pending_jobs(args) == [("SAD", 0), ("vanilla", 1)]  # the finished runs are not started again
+    assert len(accuracy.pending_jobs(argparse.Namespace(**vars(args) | {"epochs": 3}))) == 4
+    assert len(accuracy.pending_jobs(argparse.Namespace(**vars(args) | {"resume": False}))) == 4
 
 
 def _earlier_record(**overrides) -> dict:

@@ -198,21 +198,6 @@ def test_module_arguments():
         ClassificationModule("alexnet")
 
 
-def test_flip_analysis_histogram_against_brute_force():
-    fa = load_benchmark("flip_analysis")
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(500, generator=g) * 2, torch.randint(0, 7, (500,), generator=g)
-    counts = fa.histogram2d(x, y, bins=5, x_max=2.0, y_max=7.0)
-    brute = torch.zeros(5, 5, dtype=torch.long)
-    for xv, yv in zip(x.tolist(), y.tolist(), strict=True):
-        brute[min(int(yv / 7 * 5), 4), min(int(xv / 2 * 5), 4)] += 1
-    assert torch.equal(counts, brute)
-    assert fa.never_flipped_share(torch.tensor([0, 3, 0, 1])) == 0.5
-    img = fa.heatmap(counts, scale=2)
-    assert img.shape == (3, 10, 10) and img.dtype == torch.uint8
-    assert (img[:, -2:, :] != 255).any()  # the y=0 row is at the bottom
-
-
 def test_flip_analysis_on_short_vanilla_and_ovsw_runs(tmp_path, monkeypatch):
     configs = Path(__file__).resolve().parents[1] / "configs"
     runs = {"vanilla": configs / "cifar10_resnet20_vanilla.yaml", "ovsw": configs / "cifar10_resnet20.yaml"}

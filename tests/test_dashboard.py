@@ -22,6 +22,7 @@ from torch.utils.tensorboard.summary import custom_scalars
 from lightning_ovsw.callbacks.dashboard import (
     custom_scalars_layout,
     flip_count_figure,
+    flip_count_panels,
     format_table,
     never_flipped_by_magnitude,
 )
@@ -66,6 +67,29 @@ def test_figure_counts_equal_numpy_reference(max_flips: int, bins: int, y_edges:
     assert counts.sum() == 2000
     mask = np.ma.getmaskarray(mesh_of(fig).get_array()).reshape(counts.T.shape)
     np.testing.assert_array_equal(mask, ref.T == 0)  # empty bins are blank, not the lowest colour
+
+
+def test_side_by_side_panels_share_bins_and_count_like_numpy() -> None:
+    g = torch.Generator().manual_seed(5)
+    runs = {"vanilla": (torch.rand(300, generator=g) * 0.2, torch.randint(0, 3, (300,), generator=g).float()),
+            "ovsw": (torch.rand(400, generator=g) * 0.5, torch.randint(0, 40, (400,), generator=g).float())}
+    fig = flip_count_panels(runs, 8)
+    panels = fig.axes[:2]  # then the colour bar's axes
+    meshes = [next(c for c in ax.collections if isinstance(c, QuadMesh)) for ax in panels]
+    assert [ax.get_title() for ax in panels] == ["vanilla", "ovsw"] and len(fig.axes) == 3
+    x_ref = np.linspace(0.0, float(runs["ovsw"][0].max()), 9)  # the larger run's range for both
+    y_ref = np.arange(9) * 5 - 0.5  # counts 0..39 (at most) in 8 bins of 5
+    y_ref = y_ref[: int(np.searchsorted(y_ref, float(runs["ovsw"][1].max()))) + 1]
+    for mesh, (m, f) in zip(meshes, runs.values(), strict=True):
+        corners = mesh.get_coordinates()
+        np.testing.assert_allclose(corners[0, :, 0], x_ref, atol=1e-12)
+        np.testing.assert_array_equal(corners[:, 0, 1], y_ref)
+        ref, _, _ = np.histogram2d(m.double().numpy(), f.double().numpy(), bins=[x_ref, y_ref])
+        got = np.ma.filled(mesh.get_array(), 0).reshape(len(y_ref) - 1, len(x_ref) - 1).T
+        np.testing.assert_array_equal(got, ref)
+    assert meshes[0].norm is meshes[1].norm  # one colour scale
+    with pytest.raises(ValueError, match="no panels"):
+        flip_count_panels({}, 8)
 
 
 def test_figure_by_hand_empty_bins_blank() -> None:

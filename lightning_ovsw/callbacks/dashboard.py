@@ -40,12 +40,12 @@ def _checked(magnitude: Tensor, flips: Tensor) -> tuple[Tensor, Tensor]:
     return m, f
 
 
-def _edges(m: Tensor, f: Tensor, bins: int) -> tuple[Tensor, Tensor]:
-    """Bin edges (float64): ``bins`` equal bins of ``|W|`` over ``[0, max |W|]`` and, for the integer flip
-    counts, at most ``bins`` bins of the same whole number of counts each, centred on the integers."""
-    x_hi = m.max().item()
+def _edges(x_hi: float, f_max: float, bins: int) -> tuple[Tensor, Tensor]:
+    """Bin edges (float64): ``bins`` equal bins of ``|W|`` over ``[0, x_hi]`` and, for the integer flip
+    counts ``0 .. f_max``, at most ``bins`` bins of the same whole number of counts each, centred on the
+    integers."""
     x_edges = torch.linspace(0.0, x_hi if x_hi > 0 else 1.0, bins + 1, dtype=torch.float64)
-    span = math.floor(f.max().item()) + 1  # counts 0 .. max
+    span = math.floor(f_max) + 1  # counts 0 .. max
     width = math.ceil(span / bins)
     y_edges = torch.arange(math.ceil(span / width) + 1, dtype=torch.float64) * width - 0.5
     return x_edges, y_edges
@@ -57,23 +57,35 @@ def flip_count_figure(magnitude: Tensor, flips: Tensor, bins: int, title: str) -
     Shows the paper's observation at a glance: small-``|W|`` weights flip often, large ones stay silent.
     For ``SummaryWriter.add_figure``; raises ``ValueError`` on NaN/inf, negative or mismatched input.
     """
+    return flip_count_panels({title: (magnitude, flips)}, bins)
+
+
+def flip_count_panels(panels: dict[str, tuple[Tensor, Tensor]], bins: int) -> Figure:
+    """:func:`flip_count_figure` for several runs side by side (title -> ``(|W|, flips)``), on the same bin
+    edges and one colour scale, so that e.g. a vanilla BNN and OvSW can be compared panel to panel."""
     if bins < 1:
         raise ValueError(f"bins={bins}: need at least 1 bin.")
-    m, f = _checked(magnitude, flips)
-    x_edges, y_edges = _edges(m, f, bins)
-    hist, _ = torch.histogramdd(torch.stack([m, f], dim=1), bins=[x_edges, y_edges])
-    counts = np.ma.masked_equal(hist.T.numpy(), 0.0)  # rows = flip-count bins (y), masked = blank
+    if not panels:
+        raise ValueError("no panels: pass at least one title -> (magnitude, flips).")
+    data = {title: _checked(m, f) for title, (m, f) in panels.items()}
+    x_edges, y_edges = _edges(max(m.max().item() for m, _ in data.values()),
+                              max(f.max().item() for _, f in data.values()), bins)
+    counts = {}
+    for title, (m, f) in data.items():
+        hist, _ = torch.histogramdd(torch.stack([m, f], dim=1), bins=[x_edges, y_edges])
+        counts[title] = np.ma.masked_equal(hist.T.numpy(), 0.0)  # rows = flip-count bins (y), masked = blank
+    norm = LogNorm(vmin=1.0, vmax=max(max(float(c.max()) for c in counts.values()), 2.0))
 
-    fig = Figure(figsize=(5, 4), dpi=80, layout="constrained")
+    fig = Figure(figsize=(1 + 4 * len(panels), 4), dpi=80, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    norm = LogNorm(vmin=1.0, vmax=max(float(counts.max()), 2.0))
-    mesh = ax.pcolormesh(x_edges.numpy(), y_edges.numpy(), counts, norm=norm, cmap="viridis")
-    ax.set_xlabel(X_LABEL)
-    ax.set_ylabel(Y_LABEL)
-    ax.set_title(title, fontsize="medium")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.colorbar(mesh, ax=ax, label=COLORBAR_LABEL)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (title, c) in zip(axes, counts.items(), strict=True):
+        mesh = ax.pcolormesh(x_edges.numpy(), y_edges.numpy(), c, norm=norm, cmap="viridis")
+        ax.set_xlabel(X_LABEL)
+        ax.set_title(title, fontsize="medium")
+    axes[0].set_ylabel(Y_LABEL)
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(mesh, ax=list(axes), label=COLORBAR_LABEL)
     return fig
 
 
