@@ -197,14 +197,18 @@ def test_packed_modules_reject_bad_input():
         linear(torch.randn(2, 3, 8))
 
 
-def test_channels_last_model_keeps_weight_bits_k_contiguous():
-    x = torch.randn(2, 3, 10, 10)
+def test_packed_model_is_channels_last_so_nchw_input_reaches_the_packed_convs_as_nhwc():
+    x = torch.randn(2, 3, 10, 10)  # NCHW-contiguous, as transforms produce
     model = with_bn_statistics(SmallNet(0, 2, 1, conv_bias=False), x)
-    packed = pack_model(model).to(memory_format=torch.channels_last)
-    assert packed.conv1.weight_bits.is_contiguous() and packed.stem.weight.is_contiguous(
-        memory_format=torch.channels_last
-    )
-    assert_matches(model, packed, x.to(memory_format=torch.channels_last))
+    packed = pack_model(model)
+    assert packed.conv1.weight_bits.is_contiguous()  # the bits stay K-contiguous
+    assert packed.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    packed.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    assert_matches(model, packed, x)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)  # no NCHW -> NHWC copy in the packed op
+    with torch.no_grad():
+        assert torch.equal(packed(x), packed(x.to(memory_format=torch.channels_last)))
 
 
 @pytest.mark.parametrize(
