@@ -4,7 +4,9 @@ Measured in one run on the same cores, at 1 and 2 threads: the packed model (``p
 program after ``torch.export`` round trip, its fp32 float twin (the same architecture with every binary
 layer swapped back to ``nn.Conv2d`` / ``nn.Linear``) and torchvision's fp32 ResNet-18, all channels_last.
 Also per-layer time shares and GEMM rates of the packed model (forward hooks), each as a share of this
-CPU's XNOR-popcount instruction limit (``popcount_peak.py``), and the model file sizes.
+CPU's XNOR-popcount instruction limit (``popcount_peak.py``), the model file sizes, the packed model on an
+NCHW-contiguous input (what transforms produce), and the binary models again while a spinning process keeps
+one core busy (``--no-busy`` skips that).
 With ``openvino`` installed (``pip install -e '.[bench]'``), the baseline a user would otherwise run joins
 the same interleaved loop: the model as an OpenVINO graph (``openvino_baseline.py``: FakeQuantize +
 BinaryConvolution per binary conv, checked against the packed model first) and its fp32 float twin, each
@@ -18,6 +20,7 @@ Prints a table and writes ``benchmarks/results/cpu_inference_<date>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -25,10 +28,12 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -117,6 +122,18 @@ def latencies_ms(fns: dict[str, object], x: torch.Tensor, repeats: int, warmup: 
     return {name: {"median": statistics.median(ts), "min": min(ts)} for name, ts in times.items()}
 
 
+@contextlib.contextmanager
+def spinning_process() -> Iterator[None]:
+    """A second Python process spinning on the CPU for the duration (one core's worth of other load)."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let the scheduler place it
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
 def layer_profile(model: nn.Module, x: torch.Tensor, repeats: int) -> list[dict]:
     """Median time of every leaf module (forward hooks), its share of the sum, and packed GEMM rates."""
     times: dict[str, list[float]] = defaultdict(list)
@@ -194,6 +211,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--arch", choices=["resnet18_1w1a", "torchvision"], default="resnet18_1w1a")
+    parser.add_argument("--busy", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the binary models while a spinning process of this benchmark keeps one "
+                             "core busy (what a shared machine does to the 2-thread latency)")
     args = parser.parse_args()
     torch.manual_seed(0)
     load_start = os.getloadavg()[0]
@@ -243,6 +263,15 @@ def main() -> None:
         if openvino is not None:  # compiled for this thread count (OpenVINO ignores torch.set_num_threads)
             fns |= {k: ovb.runner(ovb.compile_cpu(m, threads)) for k, m in openvino["models"].items()}
         latency[threads] = latencies_ms(fns, x, args.repeats)
+    busy = {}
+    if args.busy:
+        with spinning_process():
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                fns = {"packed": packed}
+                if openvino is not None:
+                    fns["openvino_binary"] = ovb.runner(ovb.compile_cpu(openvino["models"]["openvino_binary"], threads))
+                busy[threads] = latencies_ms(fns, x, args.repeats)
     torch.set_num_threads(max(args.threads))
     layers = layer_profile(packed, x, max(5, args.repeats // 3))
     peak = popcount_peak.measure(max(args.threads))  # the XNOR-popcount instruction limit on these threads
@@ -280,6 +309,9 @@ def main() -> None:
     for t in latency:
         print(f"{t} thread(s): packed is " + ", ".join(
             f"{r['median']:.2f}x (min {r['min']:.2f}x) faster than {c}" for c, r in speedups[t].items()))
+    for t, lat in busy.items():
+        print(f"{t} thread(s), one core kept busy by a spinning process: " + ", ".join(
+            f"{c} {r['median']:.2f} ({r['min']:.2f}) ms" for c, r in lat.items()))
     by_type: dict[str, float] = defaultdict(float)
     for r in layers:
         by_type[r["type"]] += r["share"]
@@ -319,6 +351,7 @@ def main() -> None:
         "packed_vs_float_binarized": {"max_abs_diff": max_diff, "same_argmax": same_class},
         "latency_ms": {str(t): lat for t, lat in latency.items()},
         "speedup_of_packed": {str(t): v for t, v in speedups.items()},
+        "latency_ms_one_core_busy": {str(t): lat for t, lat in busy.items()},
         "sizes": sizes,
         "layers": layers,
         "popcount_peak": peak,

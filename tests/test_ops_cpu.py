@@ -196,6 +196,41 @@ def test_packed_conv2d_resnet_shape_threads(isa, threads, pad_value):
     assert_same(ops.packed_conv2d(x_bits, w_bits, 128, *args), ref.packed_conv2d(x_bits, w_bits, 128, *args))
 
 
+# ------------------------------------------------------------------ weights prepared once per tensor (cache)
+@pytest.mark.parametrize("pad_value", [0, 1])
+def test_weights_changed_in_place_are_prepared_again(isa, pad_value):
+    """The kernels keep each weight tensor's prepared layout between calls: an in-place change of the weights
+    (load_state_dict, copy_, a bit flipped) must reach the next call, for the conv's panels and its per-tap
+    popcounts (the pad_value=0 correction) as for the linear's panels."""
+    x_bits, w_bits = ref.sign_pack(signs(1, 9, 9, 70)), ref.sign_pack(signs(40, 3, 3, 70))
+    args = ((1, 1), (1, 1), (1, 1), pad_value)
+    for _ in range(2):  # the second call takes the cached layout
+        assert_same(ops.packed_conv2d(x_bits, w_bits, 70, *args), ref.packed_conv2d(x_bits, w_bits, 70, *args))
+    w_bits[3, 0, 0, 0] ^= 1  # one weight's sign, in place: a border tap's popcount changes too
+    w_bits[7:] = ref.sign_pack(signs(33, 3, 3, 70))
+    assert_same(ops.packed_conv2d(x_bits, w_bits, 70, *args), ref.packed_conv2d(x_bits, w_bits, 70, *args))
+    a_bits, b_bits = ref.sign_pack(signs(5, 300)), ref.sign_pack(signs(65, 300))
+    assert_same(ops.packed_linear(a_bits, b_bits, 300), ref.packed_linear(a_bits, b_bits, 300))
+    b_bits.copy_(ref.sign_pack(signs(65, 300)))
+    assert_same(ops.packed_linear(a_bits, b_bits, 300), ref.packed_linear(a_bits, b_bits, 300))
+
+
+def test_prepared_weights_follow_an_isa_change(extension):
+    """The prepared layout is the ISA's own (AVX-512 and AVX2 panels differ): switching ISA between two calls
+    on the same weights must not read the other ISA's layout."""
+    x_bits, w_bits = ref.sign_pack(signs(1, 7, 7, 64)), ref.sign_pack(signs(48, 3, 3, 64))
+    want = ref.packed_conv2d(x_bits, w_bits, 64, (1, 1), (1, 1), (1, 1), 0)
+    try:
+        for name in [i for i in ISAS if i in extension.available_isas()] * 2:
+            extension.set_isa(name)
+            assert_same(ops.packed_conv2d(x_bits, w_bits, 64, (1, 1), (1, 1), (1, 1), 0), want)
+    finally:
+        extension.set_isa(None)
+    with torch.inference_mode():  # inference tensors have no version counter: prepared per call, still exact
+        w_inf = w_bits.clone()
+        assert_same(ops.packed_conv2d(x_bits, w_inf, 64, (1, 1), (1, 1), (1, 1), 0), want)
+
+
 # ------------------------------------------------------------------------------------ tracing and dispatch
 def test_opcheck_fake_kernels(extension):
     x_bits, w_bits = ref.sign_pack(signs(6, 70)), ref.sign_pack(signs(9, 70))

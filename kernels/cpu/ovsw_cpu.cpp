@@ -9,9 +9,12 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "core/ovsw_core.h"
@@ -34,6 +37,55 @@ void set_isa(int64_t isa) {
 }
 
 u32* words(const at::Tensor& t) { return reinterpret_cast<u32*>(t.data_ptr<int32_t>()); }
+
+// ------------------------------------------------ weights prepared once per weight tensor
+// The core's prepared weights (GEMM panels, per-tap popcounts) of each weight tensor the kernels have seen,
+// so a packed model's weights are rearranged on its first call, not on every call. An entry is used only
+// while its tensor is alive (weak reference), unmodified (same version counter and data pointer) and the
+// ISA unchanged; otherwise it is rebuilt. Inference-mode tensors have no version counter: not cached.
+class PreparedCache {
+ public:
+  std::shared_ptr<const core::PreparedWeights> get(const at::Tensor& w, int64_t n, int64_t taps, int64_t cw) {
+    if (w.is_inference()) return core::prepare_weights(words(w), n, taps, cw);
+    c10::TensorImpl* impl = w.unsafeGetTensorImpl();
+    const uint32_t version = impl->version_counter().current_version();
+    const int isa = core::current_isa();
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = entries_.find(impl);
+    if (it != entries_.end() && !it->second.owner.expired() && it->second.version == version &&
+        it->second.data == w.data_ptr() && it->second.isa == isa && it->second.shape == Shape{n, taps, cw})
+      return it->second.prepared;
+    if (it == entries_.end() && entries_.size() >= kMaxEntries) evict_dead();
+    Entry e{c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), version, w.data_ptr(), isa,
+            Shape{n, taps, cw}, core::prepare_weights(words(w), n, taps, cw)};
+    auto prepared = e.prepared;
+    entries_.insert_or_assign(impl, std::move(e));
+    return prepared;
+  }
+
+ private:
+  static constexpr size_t kMaxEntries = 4096;
+  using Shape = std::tuple<int64_t, int64_t, int64_t>;  // rows, taps, words per tap
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::TensorImpl> owner;
+    uint32_t version;
+    const void* data;
+    int isa;
+    Shape shape;
+    std::shared_ptr<const core::PreparedWeights> prepared;
+  };
+  void evict_dead() {  // entries of freed tensors; all of them if every tensor is still alive
+    for (auto it = entries_.begin(); it != entries_.end();) it = it->second.owner.expired() ? entries_.erase(it) : ++it;
+    if (entries_.size() >= kMaxEntries) entries_.clear();
+  }
+  std::mutex mutex_;
+  std::unordered_map<const c10::TensorImpl*, Entry> entries_;
+};
+
+PreparedCache& prepared_cache() {
+  static PreparedCache cache;
+  return cache;
+}
 
 // ------------------------------------------------ tensors -> core (arguments already validated below)
 struct Activation {  // packed_conv2d_act: hardtanh bounds and where the sign bits go
@@ -78,7 +130,8 @@ at::Tensor linear_impl(const at::Tensor& a, const at::Tensor& b, int64_t k, cons
   const int64_t m = a.size(0), n = b.size(0);
   at::Tensor out = new_output({m, n}, raw, dtype);
   const core::Epilogue epi = core_epilogue(scale, bias, residual, raw, false, out, nullptr);
-  core::packed_linear(words(a), words(b), m, n, k, epi);
+  const auto prepared = prepared_cache().get(b, n, 1, b.size(1));
+  core::packed_linear(words(a), words(b), m, n, k, epi, prepared.get());
   return out;
 }
 
@@ -106,7 +159,8 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels,
   at::Tensor out = sign ? at::empty({g.batch, ho, wo, (cout + 31) / 32}, at::TensorOptions().dtype(at::kInt))
                         : new_output({g.batch, ho, wo, cout}, raw, dtype);
   const core::Epilogue epi = core_epilogue(scale, bias, residual, raw, sign, out, act);
-  core::packed_conv2d(words(x), words(w), g, epi);
+  const auto prepared = prepared_cache().get(w, cout, g.kernel_h * g.kernel_w, w.size(3));
+  core::packed_conv2d(words(x), words(w), g, epi, prepared.get());
   return out;
 }
 

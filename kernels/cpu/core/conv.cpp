@@ -36,18 +36,13 @@ std::vector<u64> distinct(std::vector<u64> v) {
 struct BorderCorrection {
   std::vector<int32_t> row_pattern, pattern_base, pattern_corr;
 
-  BorderCorrection(const u32* w, const Conv2d& g, int64_t ho, int64_t wo) {
-    const int64_t kh = g.kernel_h, kwid = g.kernel_w, taps = kh * kwid, cw = (g.channels + 31) / 32;
+  BorderCorrection(const std::vector<int32_t>& tap_pop, const Conv2d& g, int64_t ho, int64_t wo) {
+    const int64_t kh = g.kernel_h, kwid = g.kernel_w, taps = kh * kwid;
     const int64_t cout = g.out_channels;
     const std::vector<u64> hmask = border_masks(g.height, ho, kh, g.stride_h, g.pad_h, g.dilation_h);
     const std::vector<u64> wmask = border_masks(g.width, wo, kwid, g.stride_w, g.pad_w, g.dilation_w);
     const std::vector<u64> hs = distinct(hmask), ws = distinct(wmask);
     const int64_t npat = static_cast<int64_t>(hs.size() * ws.size());
-    std::vector<int32_t> tap_pop(cout * taps);
-    const detail::PopcountFn count = detail::popcount_fn();
-    detail::parallel_for(0, cout * taps, 512, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) tap_pop[r] = count(w + r * cw, cw);
-    });
     pattern_base.resize(npat);
     pattern_corr.assign(npat * cout, 0);
     for (size_t a = 0; a < hs.size(); ++a)
@@ -105,25 +100,29 @@ void im2col(const u32* x, const Conv2d& g, int64_t ho, int64_t wo, u32* cols) {
 
 }  // namespace
 
-void packed_conv2d(const uint32_t* x, const uint32_t* w, const Conv2d& g, const Epilogue& epi) {
+void packed_conv2d(const uint32_t* x, const uint32_t* w, const Conv2d& g, const Epilogue& epi,
+                   const PreparedWeights* prepared) {
   const int64_t ho = g.out_h(), wo = g.out_w(), cw = (g.channels + 31) / 32;
   const int64_t m = g.batch * ho * wo, taps = g.kernel_h * g.kernel_w, kw = taps * cw, cout = g.out_channels;
   if (m <= 0 || cout <= 0) return;
   detail::TileEpilogue e = detail::make_epilogue(epi, cout, taps * g.channels);
   std::optional<BorderCorrection> border;
+  if (prepared && (prepared->n != cout || prepared->taps != taps || prepared->cw != cw)) prepared = nullptr;
   if (g.pad_value == 0 && (g.pad_h > 0 || g.pad_w > 0)) {
-    border.emplace(w, g, ho, wo);
+    std::vector<int32_t> counted;
+    border.emplace(prepared ? prepared->tap_popcount : (counted = detail::row_popcounts(w, cout * taps, cw)), g, ho,
+                   wo);
     e.pattern = border->row_pattern.data();
     e.pattern_base = border->pattern_base.data();
     e.pattern_corr = border->pattern_corr.data();
   }
   if (taps == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0) {
-    detail::run_gemm(x, cw, w, kw, m, cout, kw, e);  // 1x1 stride 1: the input is the GEMM operand
+    detail::run_gemm(x, cw, w, kw, m, cout, kw, e, prepared);  // 1x1 stride 1: the input is the GEMM operand
     return;
   }
   std::unique_ptr<u32[]> cols(new u32[m * kw]);  // every word is written by im2col
   im2col(x, g, ho, wo, cols.get());
-  detail::run_gemm(cols.get(), kw, w, kw, m, cout, kw, e);
+  detail::run_gemm(cols.get(), kw, w, kw, m, cout, kw, e, prepared);
 }
 
 }  // namespace ovsw::core

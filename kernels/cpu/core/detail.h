@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "ovsw_core.h"
@@ -50,6 +51,7 @@ class AlignedWords {
     data_ = buf_.get() + ((64 - addr % 64) % 64) / sizeof(u64);
   }
   u64* data() { return data_; }
+  const u64* data() const { return data_; }
 
  private:
   std::unique_ptr<u64[]> buf_;
@@ -62,6 +64,9 @@ PackRowFn pack_row_fn();
 // popcount of n words (the pad_value=0 corrections), with the ISA's popcount.
 using PopcountFn = int32_t (*)(const u32*, int64_t);
 PopcountFn popcount_fn();
+
+// popcount of each of rows consecutive runs of cw words (a conv weight's (channel, tap) rows).
+std::vector<int32_t> row_popcounts(const u32* w, int64_t rows, int64_t cw);
 
 struct TileEpilogue;
 // One output row of a tile, stored as floats (epilogue_row in gemm.cpp).
@@ -109,8 +114,18 @@ struct TileEpilogue {
 // The tile epilogue of epi for n output channels and base, with the row store for the current ISA.
 TileEpilogue make_epilogue(const Epilogue& epi, int64_t n, int64_t base);
 
-// popcount(a_i XOR b_j) over kw words for a [m, lda] x b [n, ldb], through epi, with the current ISA.
+// popcount(a_i XOR b_j) over kw words for a [m, lda] x b [n, ldb], through epi, with the current ISA;
+// the panels of prepared when they are this ISA's and this shape's.
 void run_gemm(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m, int64_t n, int64_t kw,
-              const TileEpilogue& epi);
+              const TileEpilogue& epi, const PreparedWeights* prepared);
 
 }  // namespace ovsw::core::detail
+
+namespace ovsw::core {
+struct PreparedWeights {
+  int isa = kPortable;
+  int64_t n = 0, taps = 0, cw = 0;
+  std::optional<detail::AlignedWords> panels;  // the x86 kernels' [panels][k64][PANEL] layout, else empty
+  std::vector<int32_t> tap_popcount;           // [n * taps]
+};
+}  // namespace ovsw::core

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 
 namespace ovsw::core {
 
@@ -50,9 +51,18 @@ struct Epilogue {
   uint32_t* bits = nullptr;         // with clamp: [rows, ceil(n / 32)] sign bits of y, or null
 };
 
+// ------------------------------------------------------------------------------------ prepared weights
+// A weight matrix [n, taps * cw] words rearranged once for many calls: the GEMM layout of the ISA current
+// when it was made (x86: channel panels; other ISAs read the words as they are) and the popcount of every
+// (row, tap) for a conv's pad_value=0 correction. The kernels take it in place of repacking w per call;
+// under another ISA (or another shape) they ignore its panels and repack. Immutable, so shareable.
+struct PreparedWeights;
+std::shared_ptr<const PreparedWeights> prepare_weights(const uint32_t* w, int64_t n, int64_t taps, int64_t cw);
+
 // --------------------------------------------------------------------------------------------- kernels
-// a [m, ceil(k/32)] x b [n, ceil(k/32)] -> [m, n] through the epilogue.
-void packed_linear(const uint32_t* a, const uint32_t* b, int64_t m, int64_t n, int64_t k, const Epilogue& epi);
+// a [m, ceil(k/32)] x b [n, ceil(k/32)] -> [m, n] through the epilogue; prepared: b prepared (taps 1), or null.
+void packed_linear(const uint32_t* a, const uint32_t* b, int64_t m, int64_t n, int64_t k, const Epilogue& epi,
+                   const PreparedWeights* prepared = nullptr);
 
 // Geometry of a packed NHWC convolution: x [batch, height, width, ceil(channels/32)] words, weights
 // [out_channels, kernel_h, kernel_w, ceil(channels/32)], output rows (image, oh, ow) of out_channels.
@@ -65,7 +75,8 @@ struct Conv2d {
   int64_t out_h() const { return (height + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) / stride_h + 1; }
   int64_t out_w() const { return (width + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) / stride_w + 1; }
 };
-void packed_conv2d(const uint32_t* x, const uint32_t* w, const Conv2d& g, const Epilogue& epi);
+void packed_conv2d(const uint32_t* x, const uint32_t* w, const Conv2d& g, const Epilogue& epi,
+                   const PreparedWeights* prepared = nullptr);  // prepared: w prepared, or null
 
 // Sign bits (x < 0) of rows of k values into ceil(k/32) words per row.
 void sign_pack_rows(const float* x, uint32_t* out, int64_t rows, int64_t k);

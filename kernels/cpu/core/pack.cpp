@@ -102,6 +102,15 @@ PopcountFn popcount_fn() {
   return popcount_words_portable;
 }
 
+std::vector<int32_t> row_popcounts(const u32* w, int64_t rows, int64_t cw) {
+  std::vector<int32_t> pop(rows);
+  const PopcountFn count = popcount_fn();
+  parallel_for(0, rows, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) pop[r] = count(w + r * cw, cw);
+  });
+  return pop;
+}
+
 }  // namespace detail
 
 using namespace detail;

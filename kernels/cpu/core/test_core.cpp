@@ -377,10 +377,12 @@ Result conv_case(Rng& r, bool big, std::string& what) {
                 " s=%" PRId64 ",%" PRId64 " p=%" PRId64 ",%" PRId64 " d=%" PRId64 ",%" PRId64 " pad_value=%d (cw %" PRId64 ") ",
                 g.batch, g.height, g.width, g.channels, g.out_channels, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w,
                 g.pad_h, g.pad_w, g.dilation_h, g.dilation_w, g.pad_value, cw);
-  what = buf + describe(s);
+  const auto prepared = r.coin(0.5) ? core::prepare_weights(w.data(), g.out_channels, taps, cw) : nullptr;
+  what = buf + describe(s) + (prepared ? " prepared" : "");
   const std::vector<int32_t> acc = ref_conv(xs, ws, g);
-  return check_epilogue(r, s, acc, g.batch * g.out_h() * g.out_w(), g.out_channels,
-                        [&](const core::Epilogue& epi) { core::packed_conv2d(x.data(), w.data(), g, epi); });
+  return check_epilogue(r, s, acc, g.batch * g.out_h() * g.out_w(), g.out_channels, [&](const core::Epilogue& epi) {
+    core::packed_conv2d(x.data(), w.data(), g, epi, prepared.get());
+  });
 }
 
 Result linear_case(Rng& r, std::string& what) {
@@ -391,9 +393,12 @@ Result linear_case(Rng& r, std::string& what) {
   const std::vector<uint8_t> as = random_signs(r, m * k), bs = random_signs(r, n * k);
   const std::vector<u32> a = pack(as, m, k), b = pack(bs, n, k);
   const Spec s = random_spec(r, true);
-  what = "linear M=" + std::to_string(m) + " N=" + std::to_string(n) + " K=" + std::to_string(k) + " " + describe(s);
-  return check_epilogue(r, s, ref_linear(as, bs, m, n, k), m, n,
-                        [&](const core::Epilogue& epi) { core::packed_linear(a.data(), b.data(), m, n, k, epi); });
+  const auto prepared = r.coin(0.5) ? core::prepare_weights(b.data(), n, 1, (k + 31) / 32) : nullptr;
+  what = "linear M=" + std::to_string(m) + " N=" + std::to_string(n) + " K=" + std::to_string(k) + " " + describe(s) +
+         (prepared ? " prepared" : "");
+  return check_epilogue(r, s, ref_linear(as, bs, m, n, k), m, n, [&](const core::Epilogue& epi) {
+    core::packed_linear(a.data(), b.data(), m, n, k, epi, prepared.get());
+  });
 }
 
 // Floats where the sign convention matters: +-0, tiny, subnormal, +-inf, NaN, or normal.
