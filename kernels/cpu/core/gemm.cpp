@@ -84,6 +84,12 @@ void pack_panels(const u32* b, int64_t ldb, int64_t n, int64_t kw, u64* bt) {
   });
 }
 
+template <class K>
+void prepare_panels(PreparedWeights& p, const u32* w, int64_t n, int64_t kw) {
+  p.panels.emplace(panel_words<K>(n, kw));
+  pack_panels<K>(w, kw, n, kw, p.panels->data());
+}
+
 // The panel GEMM, on bt = the weights' panels (prepared once, or packed here per call when null).
 template <class K>
 void gemm_panels(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m, int64_t n, int64_t kw,
@@ -180,16 +186,10 @@ std::shared_ptr<const PreparedWeights> prepare_weights(const uint32_t* w, int64_
   [[maybe_unused]] const int64_t kw = taps * cw;
   switch (p->isa) {
 #if defined(OVSW_HAVE_AVX512)
-    case kAvx512:
-      p->panels.emplace(detail::panel_words<detail::Avx512>(n, kw));
-      detail::pack_panels<detail::Avx512>(w, kw, n, kw, p->panels->data());
-      break;
+    case kAvx512: detail::prepare_panels<detail::Avx512>(*p, w, n, kw); break;
 #endif
 #if defined(__x86_64__)
-    case kAvx2:
-      p->panels.emplace(detail::panel_words<detail::Avx2>(n, kw));
-      detail::pack_panels<detail::Avx2>(w, kw, n, kw, p->panels->data());
-      break;
+    case kAvx2: detail::prepare_panels<detail::Avx2>(*p, w, n, kw); break;
 #endif
     default: break;  // the GEMM kernels read the words as they are
   }
