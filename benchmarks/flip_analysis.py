@@ -93,7 +93,7 @@ def analyse(runs: dict[str, Path], layer: str | None, bins: int, out: Path) -> d
             "mean_abs_w_flipped": float(w.abs()[flips > 0].mean()) if (flips > 0).any() else None,
         }
     label = {"vanilla": "vanilla BNN", "ovsw": "OvSW (AGS+SAD)"}
-    figure = flip_count_panels({f"{label[name]}: {chosen}, {100 * rows[name]['never_flipped_share']:.1f} % never flipped":
+    figure = flip_count_panels({f"{label[name]}: {chosen}\n{100 * rows[name]['never_flipped_share']:.1f} % never flipped":
                                 (w.abs(), flips) for name, (chosen, flips, w) in data.items()}, bins)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out.with_suffix(".png"))
