@@ -251,7 +251,7 @@ def main() -> None:
         "torchvision_fp32_param_bytes": sum(p.numel() * 4 for p in tv.parameters()),
     }
 
-    latency = {}
+    latency, openvino_runners = {}, {}
     for threads in args.threads:
         torch.set_num_threads(threads)
         fns = {
@@ -261,7 +261,8 @@ def main() -> None:
             "float_twin_fp32_bn_folded": twin_folded, "torchvision_fp32": tv,
         }
         if openvino is not None:  # compiled for this thread count (OpenVINO ignores torch.set_num_threads)
-            fns |= {k: ovb.runner(ovb.compile_cpu(m, threads)) for k, m in openvino["models"].items()}
+            openvino_runners[threads] = {k: ovb.runner(ovb.compile_cpu(m, threads)) for k, m in openvino["models"].items()}
+            fns |= openvino_runners[threads]
         latency[threads] = latencies_ms(fns, x, args.repeats)
     busy = {}
     if args.busy:
@@ -270,7 +271,7 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 fns = {"packed": packed}
                 if openvino is not None:
-                    fns["openvino_binary"] = ovb.runner(ovb.compile_cpu(openvino["models"]["openvino_binary"], threads))
+                    fns["openvino_binary"] = openvino_runners[threads]["openvino_binary"]
                 busy[threads] = latencies_ms(fns, x, args.repeats)
     torch.set_num_threads(max(args.threads))
     layers = layer_profile(packed, x, max(5, args.repeats // 3))
@@ -286,8 +287,8 @@ def main() -> None:
     speedups = {
         t: {
             c: {k: lat[c][k] / lat["packed"][k] for k in ("median", "min")}
-            for c in ("packed_nchw_input", "packed_unfused_act", "float_twin_fp32", "float_twin_fp32_bn_folded", "torchvision_fp32",
-                      *OPENVINO_ROWS)
+            for c in ("packed_nchw_input", "packed_unfused_act", "float_twin_fp32", "float_twin_fp32_bn_folded",
+                      "torchvision_fp32", *OPENVINO_ROWS)
             if c in lat
         }
         for t, lat in latency.items()

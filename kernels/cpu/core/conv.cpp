@@ -107,7 +107,7 @@ void packed_conv2d(const uint32_t* x, const uint32_t* w, const Conv2d& g, const 
   if (m <= 0 || cout <= 0) return;
   detail::TileEpilogue e = detail::make_epilogue(epi, cout, taps * g.channels);
   std::optional<BorderCorrection> border;
-  if (prepared && (prepared->n != cout || prepared->taps != taps || prepared->cw != cw)) prepared = nullptr;
+  if (prepared && !prepared->fits(cout, taps, cw)) prepared = nullptr;
   if (g.pad_value == 0 && (g.pad_h > 0 || g.pad_w > 0)) {
     std::vector<int32_t> counted;
     border.emplace(prepared ? prepared->tap_popcount : (counted = detail::row_popcounts(w, cout * taps, cw)), g, ho,

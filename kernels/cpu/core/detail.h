@@ -115,7 +115,7 @@ struct TileEpilogue {
 TileEpilogue make_epilogue(const Epilogue& epi, int64_t n, int64_t base);
 
 // popcount(a_i XOR b_j) over kw words for a [m, lda] x b [n, ldb], through epi, with the current ISA;
-// the panels of prepared when they are this ISA's and this shape's.
+// the panels of prepared (b's, or null) when they are this ISA's.
 void run_gemm(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m, int64_t n, int64_t kw,
               const TileEpilogue& epi, const PreparedWeights* prepared);
 
@@ -127,5 +127,8 @@ struct PreparedWeights {
   int64_t n = 0, taps = 0, cw = 0;
   std::optional<detail::AlignedWords> panels;  // the x86 kernels' [panels][k64][PANEL] layout, else empty
   std::vector<int32_t> tap_popcount;           // [n * taps]
+  bool fits(int64_t rows, int64_t kernel_taps, int64_t words) const {
+    return n == rows && taps == kernel_taps && cw == words;
+  }
 };
 }  // namespace ovsw::core

@@ -60,14 +60,11 @@ void gemm(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m, int64
 // Weights in panels of PANEL channels, [k64][PANEL] uint64, for kernels that keep output channels in vector
 // lanes (x86: K = Avx512 or Avx2): the words a panel GEMM over [n, kw] weights needs, and the packing.
 template <class K>
-int64_t panel_words(int64_t n, int64_t kw) {
-  return (n + K::PANEL - 1) / K::PANEL * ((kw + 1) / 2) * K::PANEL;
-}
-
-template <class K>
-void pack_panels(const u32* b, int64_t ldb, int64_t n, int64_t kw, u64* bt) {
+AlignedWords pack_panels(const u32* b, int64_t ldb, int64_t n, int64_t kw) {
   constexpr int64_t P = K::PANEL;
   const int64_t k64 = (kw + 1) / 2, panels = (n + P - 1) / P;
+  AlignedWords packed(panels * k64 * P);
+  u64* bt = packed.data();
   parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t rows = std::min<int64_t>(P, n - p * P);
@@ -82,12 +79,7 @@ void pack_panels(const u32* b, int64_t ldb, int64_t n, int64_t kw, u64* bt) {
       }
     }
   });
-}
-
-template <class K>
-void prepare_panels(PreparedWeights& p, const u32* w, int64_t n, int64_t kw) {
-  p.panels.emplace(panel_words<K>(n, kw));
-  pack_panels<K>(w, kw, n, kw, p.panels->data());
+  return packed;
 }
 
 // The panel GEMM, on bt = the weights' panels (prepared once, or packed here per call when null).
@@ -97,11 +89,7 @@ void gemm_panels(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m
   constexpr int64_t P = K::PANEL;
   const int64_t k64 = (kw + 1) / 2;
   std::optional<AlignedWords> packed;
-  if (!bt) {
-    packed.emplace(panel_words<K>(n, kw));
-    pack_panels<K>(b, ldb, n, kw, packed->data());
-    bt = packed->data();
-  }
+  if (!bt) bt = packed.emplace(pack_panels<K>(b, ldb, n, kw)).data();
   const int64_t block_m = balanced_block(m, K::MR);
   const int64_t tiles_m = (m + block_m - 1) / block_m, tiles_n = (n + BLOCK_N - 1) / BLOCK_N;
   parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
@@ -123,10 +111,8 @@ void gemm_panels(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m
 void run_gemm(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m, int64_t n, int64_t kw,
               const TileEpilogue& epi, const PreparedWeights* prepared) {
   const int isa = current_isa();
-  [[maybe_unused]] const u64* panels =
-      prepared && prepared->isa == isa && prepared->panels && prepared->n == n && prepared->taps * prepared->cw == kw
-          ? prepared->panels->data()
-          : nullptr;
+  [[maybe_unused]] const u64* panels = prepared && prepared->isa == isa && prepared->panels ? prepared->panels->data()
+                                                                                           : nullptr;
   switch (isa) {
 #if defined(OVSW_HAVE_AVX512)
     case kAvx512: return gemm_panels<Avx512>(a, lda, b, ldb, m, n, kw, epi, panels);
@@ -174,6 +160,7 @@ void packed_linear(const uint32_t* a, const uint32_t* b, int64_t m, int64_t n, i
                    const PreparedWeights* prepared) {
   const int64_t kw = (k + 31) / 32;
   const detail::TileEpilogue e = detail::make_epilogue(epi, n, k);
+  if (prepared && !prepared->fits(n, 1, kw)) prepared = nullptr;
   if (m > 0 && n > 0) detail::run_gemm(a, kw, b, kw, m, n, kw, e, prepared);
 }
 
@@ -186,10 +173,10 @@ std::shared_ptr<const PreparedWeights> prepare_weights(const uint32_t* w, int64_
   [[maybe_unused]] const int64_t kw = taps * cw;
   switch (p->isa) {
 #if defined(OVSW_HAVE_AVX512)
-    case kAvx512: detail::prepare_panels<detail::Avx512>(*p, w, n, kw); break;
+    case kAvx512: p->panels.emplace(detail::pack_panels<detail::Avx512>(w, kw, n, kw)); break;
 #endif
 #if defined(__x86_64__)
-    case kAvx2: detail::prepare_panels<detail::Avx2>(*p, w, n, kw); break;
+    case kAvx2: p->panels.emplace(detail::pack_panels<detail::Avx2>(w, kw, n, kw)); break;
 #endif
     default: break;  // the GEMM kernels read the words as they are
   }
