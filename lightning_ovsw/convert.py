@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from lightning_ovsw.layer_roles import shortcut_projections, unnormalized_layers
+from lightning_ovsw.layer_roles import (
+    max_pooled_inputs,
+    residual_branch_norms,
+    shortcut_projections,
+    unnormalized_layers,
+)
 from lightning_ovsw.layers import BinaryConv2d, BinaryLinear, BinaryOptions
 from lightning_ovsw.registry import binary_layers, full_precision_layers, packed_layers
 
@@ -32,6 +37,8 @@ ActivationPolicy = Literal["hardtanh", "keep", "error"]
 ACTIVATION_POLICIES: tuple[str, ...] = ("hardtanh", "keep", "error")
 UnnormalizedPolicy = Literal["mean", "learnable", "float", "keep"]
 UNNORMALIZED_POLICIES: tuple[str, ...] = ("mean", "learnable", "float", "keep")
+PooledPolicy = Literal["center", "keep"]
+POOLED_POLICIES: tuple[str, ...] = ("center", "keep")
 _UNNORMALIZED_REASON = "output not normalized (no BatchNorm/LayerNorm after it)"
 _SHORTCUT_REASON = "residual shortcut projection: kept real-valued as in Bi-Real Net / ReActNet (shortcuts=)"
 
@@ -187,7 +194,9 @@ class ConversionReport:
     a functional call and the module whose forward makes it) to its replacement; ``unresolved`` lists the
     binary layers whose input stays non-negative (``activation="keep"``, or a sigmoid-like source);
     ``rescaled`` maps the binary layers whose output no normalization follows to the scale they got
-    instead of the standardized one (``unnormalized="mean"`` or ``"learnable"``).
+    instead of the standardized one (``unnormalized="mean"`` or ``"learnable"``); ``centered`` lists the binary
+    layers that read a max-pooled input and threshold it at its running channel mean (``pooled="center"``);
+    ``zero_initialized`` the residual-branch norms whose weight was set to 0 (``zero_init_residual``).
     """
 
     binarized: list[str] = field(default_factory=list)
@@ -196,6 +205,8 @@ class ConversionReport:
     replaced_activations: dict[str, str] = field(default_factory=dict)
     unresolved: list[str] = field(default_factory=list)
     rescaled: dict[str, str] = field(default_factory=dict)
+    centered: list[str] = field(default_factory=list)
+    zero_initialized: list[str] = field(default_factory=list)
     traced: bool = True
     fast_path_disabled: list[str] = field(default_factory=list)
 
@@ -212,6 +223,12 @@ class ConversionReport:
         if self.rescaled:
             lines.append("no normalization after these binary layers, so alpha = mean|W| keeps the float layer's "
                          "output magnitude: " + ", ".join(f"{n} (scale={s!r})" for n, s in self.rescaled.items()))
+        if self.centered:
+            lines.append("max-pooled (mostly >= 0) inputs thresholded at their running channel mean: "
+                         + ", ".join(self.centered))
+        if self.zero_initialized:
+            lines.append("residual-branch norms initialised to 0 (each block starts as the identity): "
+                         + ", ".join(self.zero_initialized))
         if not self.traced:
             lines.append("the model does not trace with torch.fx: activations were not analysed per layer")
         if self.fast_path_disabled:
@@ -345,6 +362,8 @@ def binarize_model(
     activation: ActivationPolicy = "hardtanh",
     unnormalized: UnnormalizedPolicy = "mean",
     shortcuts: Literal["float", "binary"] = "float",
+    pooled: PooledPolicy = "center",
+    zero_init_residual: bool = True,
     **layer_options,
 ) -> nn.Module:
     """Swap eligible ``nn.Conv2d`` / ``nn.Linear`` modules for ``BinaryConv2d`` / ``BinaryLinear``.
@@ -390,6 +409,22 @@ def binarize_model(
     and ReActNet: binarized, torchvision's resnet18 hardly learns) or are binarized (``"binary"``). A
     ``filter_fn`` decides for itself.
 
+    ``pooled``: what to do with binary layers whose input is a max-pool output (through pooling, dropout,
+    reshapes and concatenation; ``lightning_ovsw.layer_roles``). The maximum of a window of sign-symmetric
+    values is almost always positive, so ``sign(x)`` is nearly constant there (92-100 % of +1 in googlenet,
+    squeezenet1_0, vgg11_bn and the ResNet stems at initialisation):
+
+    - ``"center"`` (default): threshold the input at its running channel mean, ``sign(x - m)``
+      (``BinaryLayer.center_input``; a buffer ``input_mean`` the packed layer keeps; listed in
+      ``binarization_report.centered``);
+    - ``"keep"``: ``sign(x)`` as for every other layer.
+
+    ``zero_init_residual``: set to 0 the weight of each normalization layer that ends a residual branch
+    holding binary layers (``x + bn(conv(...))``), so every block starts as the identity (Goyal et al. 2017,
+    torchvision's ``zero_init_residual``; torchvision's resnet50 and regnet_y_400mf, binarized, diverge
+    without it). Only norms still at PyTorch's initialisation (weight 1, bias 0) are changed: a trained
+    model keeps its weights. Listed in ``binarization_report.zero_initialized``.
+
     The analysis runs on a ``torch.fx`` trace. A model that does not trace gets one warning and, with
     ``"hardtanh"``, every ReLU / ReLU6 module replaced (functional calls cannot be found), with ``"error"`` a
     ``ValueError``. The torch Transformer layers holding binary layers get their float fast path turned off
@@ -405,6 +440,8 @@ def binarize_model(
     if unnormalized not in UNNORMALIZED_POLICIES:
         raise ValueError(
             f"unnormalized={unnormalized!r} is not supported; choose one of {UNNORMALIZED_POLICIES}.")
+    if pooled not in POOLED_POLICIES:
+        raise ValueError(f"pooled={pooled!r} is not supported; choose one of {POOLED_POLICIES}.")
     options = BinaryOptions(**layer_options)  # validate once, with a clear error
     if not inplace:
         model = copy.deepcopy(model)
@@ -455,6 +492,9 @@ def binarize_model(
             f"layers, of which {len(skipped)} skipped by skip_first/skip_last and the rest rejected by filter_fn "
             "or unsupported. Pass skip_first=False / skip_last=False or a different filter_fn."
         )
+    pooled_inputs = set(max_pooled_inputs(graph, modules, selected)) if pooled == "center" and graph is not None else set()
+    if zero_init_residual and graph is not None:
+        report.zero_initialized = _zero_init_untrained(modules, residual_branch_norms(graph, modules, selected))
     model = _handle_activations(model, selected, activation, report, graph, trace_error)
     swaps = {}
     for name, module in selected.items():
@@ -464,11 +504,29 @@ def binarize_model(
         report.binarized.append(name)
         if name in not_normalized:
             report.rescaled[name] = unnormalized
+        if name in pooled_inputs:
+            swaps[id(module)].center_input()
+            report.centered.append(name)
     _replace_by_id(model, swaps)
     report.fast_path_disabled = _disable_transformer_fast_path(model, {id(m) for m in swaps.values()})
     model.binarization_report = report
     _log.info("binarize_model: %d binary layers; %s", len(report.binarized), "; ".join(report.notes()) or "-")
     return model
+
+
+def _zero_init_untrained(modules: dict[str, nn.Module], names: list[str]) -> list[str]:
+    """Set to 0 the weight of each named norm that is still at PyTorch's init (weight 1, bias 0); returns
+    the names changed."""
+    changed = []
+    for name in names:
+        norm = modules[name]
+        weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+        if weight is None or not bool((weight == 1).all()) or (bias is not None and bool(bias.any())):
+            continue
+        with torch.no_grad():
+            weight.zero_()
+        changed.append(name)
+    return changed
 
 
 def _trace(model: nn.Module, selected: dict[str, nn.Module]) -> tuple[fx.Graph | None, Exception | None]:

@@ -70,9 +70,9 @@ _METADATA_KEYS = (
 )
 _MODULE_FIELDS = {
     PackedConv2d: (
-        "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "pad_value",
+        "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "pad_value", "centered",
     ),
-    PackedLinear: ("in_features", "out_features", "bn_folded"),
+    PackedLinear: ("in_features", "out_features", "bn_folded", "centered"),
 }
 
 

@@ -31,6 +31,7 @@ from lightning_ovsw.quantizers import ACTIVATION_ESTIMATORS, WEIGHT_ESTIMATORS, 
 SCALES = ("standardized", "mean", "learnable", "none")
 PAD_VALUES = (0, 1)
 _EPS = 1e-5
+CENTER_MOMENTUM = 0.1  # of the running input mean, as BatchNorm's default
 
 
 @dataclass(frozen=True)
@@ -114,14 +115,50 @@ class BinaryLayer:
 
     weight: nn.Parameter
     options: BinaryOptions
+    input_mean: Tensor | None
 
     def _init_binary(self, options: BinaryOptions) -> None:
         self.options = options
+        if "input_mean" not in self._buffers:
+            self.register_buffer("input_mean", None)
         if options.scale == "learnable":
             init = self.weight.detach().flatten(1).abs().mean(dim=1)
             self.alpha = nn.Parameter(init.to(_stat_dtype(self.weight.dtype)))
         else:
             self.register_parameter("alpha", None)
+
+    def center_input(self) -> None:
+        """Threshold the input at its per-channel mean: ``sign(x - m)`` instead of ``sign(x)``.
+
+        For sign-skewed inputs (a max-pool output is mostly >= 0, ``lightning_ovsw.layer_roles``), where
+        ``sign(x)`` is +1 almost everywhere. ``m`` is a threshold like ReActNet's RSign, estimated the way
+        BatchNorm estimates its mean instead of learned: the batch mean in training (detached, so the
+        activation gradient is unchanged), the running mean (buffer ``input_mean``, momentum 0.1) in eval
+        and in the packed layer.
+        """
+        self.input_mean = torch.zeros(self.weight.shape[1], dtype=_stat_dtype(self.weight.dtype),
+                                      device=self.weight.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        """A float checkpoint has no ``input_mean``: keep the current one, so float weights warm-start."""
+        if self.input_mean is not None and prefix + "input_mean" not in state_dict:
+            state_dict[prefix + "input_mean"] = self.input_mean
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _centered(self, x: Tensor, channel_dim: int) -> Tensor:
+        """``x - m`` per channel (``center_input``), or ``x`` itself for a layer that is not centered."""
+        if self.input_mean is None:
+            return x
+        dims = tuple(d for d in range(x.ndim) if d != channel_dim)
+        if self.training and dims:
+            mean = x.detach().to(self.input_mean.dtype).mean(dim=dims)
+            with torch.no_grad():
+                self.input_mean.lerp_(mean, CENTER_MOMENTUM)
+        else:  # eval, or a lone unbatched vector (no batch to average)
+            mean = self.input_mean
+        shape = [1] * x.ndim
+        shape[channel_dim] = -1
+        return x - mean.to(x.dtype).view(shape)
 
     def binary_weight(self) -> Tensor:
         """``sign(W)`` with the configured weight estimator."""
@@ -164,7 +201,8 @@ class BinaryLayer:
         return out
 
     def _options_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in asdict(self.options).items())
+        centered = ", centered_input" if self.input_mean is not None else ""
+        return ", ".join(f"{k}={v!r}" for k, v in asdict(self.options).items()) + centered
 
 
 def _validate_conv(conv: nn.Conv2d) -> None:
@@ -180,7 +218,7 @@ def _validate_conv(conv: nn.Conv2d) -> None:
         )
 
 
-class BinaryConv2d(nn.Conv2d, BinaryLayer):
+class BinaryConv2d(BinaryLayer, nn.Conv2d):
     """``conv(sign(x), sign(W)) * alpha (+ bias)`` with zero (default) or one padding of ``sign(x)``."""
 
     def __init__(
@@ -225,6 +263,7 @@ class BinaryConv2d(nn.Conv2d, BinaryLayer):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 3:  # unbatched (C, H, W): one sample of the batched call
             return self.forward(x.unsqueeze(0)).squeeze(0)
+        x = self._centered(x, channel_dim=1)
         if train_ops.use_fused(x, self.weight):
             out = train_ops.fused_binary_conv2d(
                 x, self._fused_weight(x), self.training, self.options.activation_estimator, self.stride,
@@ -242,7 +281,7 @@ class BinaryConv2d(nn.Conv2d, BinaryLayer):
         return f"{super().extra_repr()}, {self._options_repr()}"
 
 
-class BinaryLinear(nn.Linear, BinaryLayer):
+class BinaryLinear(BinaryLayer, nn.Linear):
     """``linear(sign(x), sign(W)) * alpha (+ bias)``; ``pad_value`` is accepted for one ``BinaryOptions`` per
     model and has no effect (a linear layer has no padding)."""
 
@@ -276,6 +315,7 @@ class BinaryLinear(nn.Linear, BinaryLayer):
         return layer.train(linear.training)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self._centered(x, channel_dim=x.ndim - 1)
         if x.dim() > 1 and train_ops.use_fused(x, self.weight):  # unbatched inputs: plain path
             out = train_ops.fused_binary_linear(x, self._fused_weight(x), self.training,
                                                 self.options.activation_estimator)

@@ -58,6 +58,26 @@ def _folded_constants(
     return scale.to(torch.float32), bias.to(torch.float32)
 
 
+def _register_input_mean(packed: nn.Module, channels: int, centered: bool, device: torch.device | str | None) -> None:
+    """The input threshold of a centered binary layer (``BinaryLayer.center_input``), float32, or None."""
+    mean = torch.zeros(channels, dtype=torch.float32, device=device) if centered else None
+    packed.register_buffer("input_mean", mean)
+
+
+def _copy_input_mean(packed: nn.Module, layer: BinaryLayer) -> None:
+    if layer.input_mean is not None:
+        packed.input_mean.copy_(layer.input_mean)
+
+
+def _centered(packed: nn.Module, x: Tensor, channel_dim: int) -> Tensor:
+    """``x - input_mean`` along ``channel_dim``, computed as the binary layer computes it in eval."""
+    if packed.input_mean is None:
+        return x
+    shape = [1] * x.ndim
+    shape[channel_dim] = -1
+    return x - packed.input_mean.to(x.dtype).view(shape)
+
+
 def _check_float(x: Tensor, name: str) -> None:
     if not x.is_floating_point():
         raise TypeError(f"{name} expects a floating-point input, got {x.dtype}; convert it with x.float().")
@@ -83,6 +103,7 @@ class PackedConv2d(nn.Module):
         padding: tuple[int, int] = (0, 0),
         dilation: tuple[int, int] = (1, 1),
         pad_value: int = 0,
+        centered: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -93,10 +114,12 @@ class PackedConv2d(nn.Module):
         self.padding = tuple(padding)
         self.dilation = tuple(dilation)
         self.pad_value = pad_value
+        self.centered = centered
         shape = (out_channels, *self.kernel_size, num_words(in_channels))
         self.register_buffer("weight_bits", torch.zeros(shape, dtype=torch.int32, device=device))
         self.register_buffer("scale", torch.ones(out_channels, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32, device=device))
+        _register_input_mean(self, in_channels, centered, device)
 
     @classmethod
     def from_binary(cls, layer: BinaryConv2d, bn: nn.BatchNorm2d | None = None) -> PackedConv2d:
@@ -109,11 +132,12 @@ class PackedConv2d(nn.Module):
             )
         packed = cls(
             layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, (top, left),
-            layer.dilation, layer.options.pad_value, device=layer.weight.device,
+            layer.dilation, layer.options.pad_value, layer.input_mean is not None, device=layer.weight.device,
         )
         with torch.no_grad():
             packed.weight_bits.copy_(_OPS.sign_pack(layer.weight.detach().permute(0, 2, 3, 1).contiguous()))
             packed.scale, packed.bias = _folded_constants(layer, bn)
+            _copy_input_mean(packed, layer)
         return packed
 
     def _apply(self, fn, recurse=True):
@@ -145,6 +169,10 @@ class PackedConv2d(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} expects input [N, {self.in_channels}, H, W], got {tuple(x.shape)}."
             )
+        if self.centered and x_bits is not None:
+            raise ValueError(f"{type(self).__name__} thresholds its input at input_mean, so x_bits (signs at 0) "
+                             "cannot stand in for x; pass x alone.")
+        x = _centered(self, x, channel_dim=1)
         n, _, h, w = x.shape
         fuse = residual is not None and residual.dtype == x.dtype and residual.shape == (
             n, self.out_channels, *self._output_size(h, w))
@@ -176,7 +204,7 @@ class PackedConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, pad_value={self.pad_value}"
+            f"padding={self.padding}, dilation={self.dilation}, pad_value={self.pad_value}, centered={self.centered}"
         )
 
 
@@ -195,25 +223,30 @@ class PackedLinear(nn.Module):
         in_features: int,
         out_features: int,
         bn_folded: bool = False,
+        centered: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.bn_folded = bn_folded
+        self.centered = centered
         self.register_buffer(
             "weight_bits", torch.zeros(out_features, num_words(in_features), dtype=torch.int32, device=device)
         )
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device))
+        _register_input_mean(self, in_features, centered, device)
 
     @classmethod
     def from_binary(cls, layer: BinaryLinear, bn: nn.BatchNorm1d | None = None) -> PackedLinear:
         """Pack ``layer`` (``sign(W)`` as bits), folding ``alpha``, its bias and ``bn`` if given."""
-        packed = cls(layer.in_features, layer.out_features, bn is not None, device=layer.weight.device)
+        packed = cls(layer.in_features, layer.out_features, bn is not None, layer.input_mean is not None,
+                     device=layer.weight.device)
         with torch.no_grad():
             packed.weight_bits.copy_(_OPS.sign_pack(layer.weight.detach().contiguous()))
             packed.scale, packed.bias = _folded_constants(layer, bn)
+            _copy_input_mean(packed, layer)
         return packed
 
     def forward(self, x: Tensor) -> Tensor:
@@ -227,6 +260,7 @@ class PackedLinear(nn.Module):
                 f"{type(self).__name__} has a folded BatchNorm1d and needs 2-D input [batch, "
                 f"{self.in_features}], got {tuple(x.shape)}; pack with fold_batchnorm=False for other shapes."
             )
+        x = _centered(self, x, channel_dim=x.ndim - 1)
         lead = x.shape[:-1]
         bits = _OPS.sign_pack(x.reshape(-1, self.in_features).contiguous())
         out = _OPS.packed_linear(
@@ -235,7 +269,8 @@ class PackedLinear(nn.Module):
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bn_folded={self.bn_folded}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bn_folded={self.bn_folded}, "
+                f"centered={self.centered}")
 
 
 def packed_nbytes(module: nn.Module) -> int:

@@ -131,7 +131,7 @@ def _fuse_activations(graph: fx.Graph, modules: dict[str, nn.Module]) -> int:
         for user in list(y.users):
             if (
                 user.op == "call_module" and isinstance(modules[user.target], PackedConv2d)
-                and user.args[:1] == (y,) and "x_bits" not in user.kwargs
+                and not modules[user.target].centered and user.args[:1] == (y,) and "x_bits" not in user.kwargs
             ):
                 user.kwargs = {**user.kwargs, "x_bits": y_bits}
         if not y_bits.users:
