@@ -36,9 +36,9 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
+import popcount_peak
 import torch
 import torchvision
-import popcount_peak
 from _machine import cpu_name
 from torch import nn
 from torch.fx.experimental import optimization as fx_optimization

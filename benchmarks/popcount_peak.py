@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from lightning_ovsw.kernels.cpu import _cpp_extension  # the quiet cpp_extension import
 
 CHAINS = 12  # independent accumulators (OVSW_ALL in the C++): more than latency x throughput on any x86 core

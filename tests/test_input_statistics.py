@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from lightning_ovsw import binarize_model, load_packed, save_packed
+from lightning_ovsw.export import export_packed, load_exported
 from lightning_ovsw.layers import BinaryConv2d, BinaryLinear, standardized_scale
 from lightning_ovsw.packed_layers import PackedConv2d
 from lightning_ovsw.packing import pack_model
@@ -111,7 +112,7 @@ def trained_pooled_model() -> nn.Module:
     return model.eval()
 
 
-def test_packed_model_keeps_the_threshold_and_the_file_round_trips(tmp_path):
+def test_packed_model_keeps_the_threshold_in_files_and_exports(tmp_path):
     model = trained_pooled_model()
     x = torch.randn(5, 3, 16, 16)
     packed = pack_model(model)
@@ -123,6 +124,8 @@ def test_packed_model_keeps_the_threshold_and_the_file_round_trips(tmp_path):
     loaded = load_packed(tmp_path / "m.ovsw", binarize_model(Pooled()))
     assert torch.equal(loaded.a.input_mean, packed.a.input_mean)
     assert torch.allclose(loaded(x), expected, atol=1e-4)
+    export_packed(packed, x, tmp_path / "m.pt2")  # the threshold travels into the exported program
+    assert torch.allclose(load_exported(tmp_path / "m.pt2")(x), expected, atol=1e-4)
     uncentered = pack_model(binarize_model(Pooled(), pooled="keep"))
     with pytest.raises(ValueError, match="layer 'a' is .*'centered': True.* in the file"):
         load_packed(tmp_path / "m.ovsw", uncentered)
