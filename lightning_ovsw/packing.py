@@ -195,8 +195,8 @@ def pack_model(
 
     The result equals ``model.eval()`` up to the rounding of the float epilogue: the integer
     accumulations are exact. Its 4-D float parameters are stored channels-last (values unchanged), so
-    NCHW-contiguous and channels-last inputs run equally fast. It records the fold and fuse options in its ``pack_options`` dict, which
-    ``save_packed`` stores so that ``load_packed`` packs a target the same way.
+    NCHW-contiguous and channels-last inputs run equally fast. It records the fold and fuse options in its
+    ``pack_options`` dict, which ``save_packed`` stores so that ``load_packed`` packs a target the same way.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"pack_model expects an nn.Module, got {type(model).__name__}.")
