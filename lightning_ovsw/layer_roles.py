@@ -19,7 +19,7 @@ run where the same network with float shortcuts learns (``benchmarks/architectur
 (``x + bn(conv(...))``). Initialised to zero (Goyal et al. 2017; torchvision's ``zero_init_residual``;
 the design's ImageNet recipe initialises BN weights to 1e-8), every block starts as the identity and the
 binary branches grow in: in 48 SGD steps torchvision's resnet50 and regnet_y_400mf, binarized, learn
-(loss 1.89 -> 1.09 and 2.26 -> 1.55) instead of diverging (2.44 -> 5.80, 2.37 -> 2.85).
+(loss 1.86 -> 1.24 and 2.26 -> 1.55) instead of diverging (2.44 -> 5.80, 2.37 -> 2.85).
 
 **Max-pooled inputs**: a binary layer whose input is a max-pool (possibly followed by average pooling,
 dropout or reshapes) sees a sign-skewed input even after a sign-symmetric activation: the maximum of a 3x3

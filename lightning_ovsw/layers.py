@@ -101,6 +101,14 @@ def mean_abs_scale(weight: Tensor) -> Tensor:
     return weight.detach().flatten(1).to(_stat_dtype(weight.dtype)).abs().mean(dim=1)
 
 
+def subtract_per_channel(x: Tensor, mean: Tensor, channel_dim: int) -> Tensor:
+    """``x - mean`` with ``mean`` (one value per channel) broadcast along ``channel_dim``, in ``x``'s dtype: the
+    centered input of a binary layer (``BinaryLayer.center_input``), the same in eval and packed."""
+    shape = [1] * x.ndim
+    shape[channel_dim] = -1
+    return x - mean.to(x.dtype).view(shape)
+
+
 def _compute_dtype(x: Tensor, dtype: torch.dtype) -> torch.dtype:
     """The dtype an op on ``x`` runs in: autocast's for ``x``'s device when it is on, else ``dtype``."""
     device = x.device.type
@@ -119,8 +127,7 @@ class BinaryLayer:
 
     def _init_binary(self, options: BinaryOptions) -> None:
         self.options = options
-        if "input_mean" not in self._buffers:
-            self.register_buffer("input_mean", None)
+        self.register_buffer("input_mean", None)
         if options.scale == "learnable":
             init = self.weight.detach().flatten(1).abs().mean(dim=1)
             self.alpha = nn.Parameter(init.to(_stat_dtype(self.weight.dtype)))
@@ -156,9 +163,7 @@ class BinaryLayer:
                 self.input_mean.lerp_(mean, CENTER_MOMENTUM)
         else:  # eval, or a lone unbatched vector (no batch to average)
             mean = self.input_mean
-        shape = [1] * x.ndim
-        shape[channel_dim] = -1
-        return x - mean.to(x.dtype).view(shape)
+        return subtract_per_channel(x, mean, channel_dim)
 
     def binary_weight(self) -> Tensor:
         """``sign(W)`` with the configured weight estimator."""

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import lightning_ovsw.kernels.ops  # noqa: F401  (registers torch.ops.ovsw)
 from lightning_ovsw.kernels.reference import conv_output_size, num_words
-from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear
+from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear, subtract_per_channel
 
 _OPS = torch.ops.ovsw
 
@@ -58,24 +58,25 @@ def _folded_constants(
     return scale.to(torch.float32), bias.to(torch.float32)
 
 
-def _register_input_mean(packed: nn.Module, channels: int, centered: bool, device: torch.device | str | None) -> None:
-    """The input threshold of a centered binary layer (``BinaryLayer.center_input``), float32, or None."""
-    mean = torch.zeros(channels, dtype=torch.float32, device=device) if centered else None
-    packed.register_buffer("input_mean", mean)
+class _InputThreshold:
+    """The input threshold a packed layer keeps from a centered binary layer (``BinaryLayer.center_input``):
+    buffer ``input_mean`` (float32), or None."""
 
+    input_mean: Tensor | None
 
-def _copy_input_mean(packed: nn.Module, layer: BinaryLayer) -> None:
-    if layer.input_mean is not None:
-        packed.input_mean.copy_(layer.input_mean)
+    @property
+    def centered(self) -> bool:
+        return self.input_mean is not None
 
+    def _init_input_mean(self, channels: int, centered: bool, device: torch.device | str | None) -> None:
+        self.register_buffer("input_mean", torch.zeros(channels, dtype=torch.float32, device=device) if centered else None)
 
-def _centered(packed: nn.Module, x: Tensor, channel_dim: int) -> Tensor:
-    """``x - input_mean`` along ``channel_dim``, computed as the binary layer computes it in eval."""
-    if packed.input_mean is None:
-        return x
-    shape = [1] * x.ndim
-    shape[channel_dim] = -1
-    return x - packed.input_mean.to(x.dtype).view(shape)
+    def _copy_input_mean(self, layer: BinaryLayer) -> None:
+        if layer.input_mean is not None:
+            self.input_mean.copy_(layer.input_mean)
+
+    def _centered(self, x: Tensor, channel_dim: int) -> Tensor:
+        return x if self.input_mean is None else subtract_per_channel(x, self.input_mean, channel_dim)
 
 
 def _check_float(x: Tensor, name: str) -> None:
@@ -83,7 +84,7 @@ def _check_float(x: Tensor, name: str) -> None:
         raise TypeError(f"{name} expects a floating-point input, got {x.dtype}; convert it with x.float().")
 
 
-class PackedConv2d(nn.Module):
+class PackedConv2d(_InputThreshold, nn.Module):
     """Inference twin of ``BinaryConv2d``: packed sign bits, folded per-channel constants.
 
     Input: float ``[N, C, H, W]`` (any memory format; channels_last avoids a copy). Output: float
@@ -114,12 +115,11 @@ class PackedConv2d(nn.Module):
         self.padding = tuple(padding)
         self.dilation = tuple(dilation)
         self.pad_value = pad_value
-        self.centered = centered
         shape = (out_channels, *self.kernel_size, num_words(in_channels))
         self.register_buffer("weight_bits", torch.zeros(shape, dtype=torch.int32, device=device))
         self.register_buffer("scale", torch.ones(out_channels, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32, device=device))
-        _register_input_mean(self, in_channels, centered, device)
+        self._init_input_mean(in_channels, centered, device)
 
     @classmethod
     def from_binary(cls, layer: BinaryConv2d, bn: nn.BatchNorm2d | None = None) -> PackedConv2d:
@@ -137,7 +137,7 @@ class PackedConv2d(nn.Module):
         with torch.no_grad():
             packed.weight_bits.copy_(_OPS.sign_pack(layer.weight.detach().permute(0, 2, 3, 1).contiguous()))
             packed.scale, packed.bias = _folded_constants(layer, bn)
-            _copy_input_mean(packed, layer)
+            packed._copy_input_mean(layer)
         return packed
 
     def _apply(self, fn, recurse=True):
@@ -172,7 +172,7 @@ class PackedConv2d(nn.Module):
         if self.centered and x_bits is not None:
             raise ValueError(f"{type(self).__name__} thresholds its input at input_mean, so x_bits (signs at 0) "
                              "cannot stand in for x; pass x alone.")
-        x = _centered(self, x, channel_dim=1)
+        x = self._centered(x, channel_dim=1)
         n, _, h, w = x.shape
         fuse = residual is not None and residual.dtype == x.dtype and residual.shape == (
             n, self.out_channels, *self._output_size(h, w))
@@ -208,7 +208,7 @@ class PackedConv2d(nn.Module):
         )
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(_InputThreshold, nn.Module):
     """Inference twin of ``BinaryLinear``: ``[..., K]`` float -> ``[..., N]`` of the input dtype.
 
     With a folded ``BatchNorm1d`` (which normalizes dim 1), the input must be 2-D ``[batch, K]``.
@@ -230,13 +230,12 @@ class PackedLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.bn_folded = bn_folded
-        self.centered = centered
         self.register_buffer(
             "weight_bits", torch.zeros(out_features, num_words(in_features), dtype=torch.int32, device=device)
         )
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device))
-        _register_input_mean(self, in_features, centered, device)
+        self._init_input_mean(in_features, centered, device)
 
     @classmethod
     def from_binary(cls, layer: BinaryLinear, bn: nn.BatchNorm1d | None = None) -> PackedLinear:
@@ -246,7 +245,7 @@ class PackedLinear(nn.Module):
         with torch.no_grad():
             packed.weight_bits.copy_(_OPS.sign_pack(layer.weight.detach().contiguous()))
             packed.scale, packed.bias = _folded_constants(layer, bn)
-            _copy_input_mean(packed, layer)
+            packed._copy_input_mean(layer)
         return packed
 
     def forward(self, x: Tensor) -> Tensor:
@@ -260,7 +259,7 @@ class PackedLinear(nn.Module):
                 f"{type(self).__name__} has a folded BatchNorm1d and needs 2-D input [batch, "
                 f"{self.in_features}], got {tuple(x.shape)}; pack with fold_batchnorm=False for other shapes."
             )
-        x = _centered(self, x, channel_dim=x.ndim - 1)
+        x = self._centered(x, channel_dim=x.ndim - 1)
         lead = x.shape[:-1]
         bits = _OPS.sign_pack(x.reshape(-1, self.in_features).contiguous())
         out = _OPS.packed_linear(
