@@ -26,11 +26,13 @@ from torch.nn.utils import parametrize
 from lightning_ovsw.layer_roles import (
     max_pooled_inputs,
     residual_branch_norms,
+    shortcut_candidates,
     shortcut_projections,
     unnormalized_layers,
 )
 from lightning_ovsw.layers import BinaryConv2d, BinaryLinear, BinaryOptions
 from lightning_ovsw.registry import binary_layers, full_precision_layers, packed_layers
+from lightning_ovsw.shortcuts import RealShortcut
 
 FilterFn = Callable[[nn.Module, str], bool]
 ActivationPolicy = Literal["hardtanh", "keep", "error"]
@@ -196,7 +198,9 @@ class ConversionReport:
     ``rescaled`` maps the binary layers whose output no normalization follows to the scale they got
     instead of the standardized one (``unnormalized="mean"`` or ``"learnable"``); ``centered`` lists the binary
     layers that read a max-pooled input and threshold it at its running channel mean (``pooled="center"``);
-    ``zero_initialized`` the residual-branch norms whose weight was set to 0 (``zero_init_residual``).
+    ``zero_initialized`` the residual-branch norms whose weight was set to 0 (``zero_init_residual``);
+    ``real_shortcuts`` the binary convs that got a real-valued shortcut around them and their norm
+    (``layer_shortcuts``).
     """
 
     binarized: list[str] = field(default_factory=list)
@@ -207,6 +211,7 @@ class ConversionReport:
     rescaled: dict[str, str] = field(default_factory=dict)
     centered: list[str] = field(default_factory=list)
     zero_initialized: list[str] = field(default_factory=list)
+    real_shortcuts: list[str] = field(default_factory=list)
     traced: bool = True
     fast_path_disabled: list[str] = field(default_factory=list)
 
@@ -226,8 +231,11 @@ class ConversionReport:
         if self.centered:
             lines.append("max-pooled (mostly >= 0) inputs thresholded at their running channel mean: "
                          + ", ".join(self.centered))
+        if self.real_shortcuts:
+            lines.append("real-valued shortcuts added around the binary convs (norm(conv(x)) + x): "
+                         + ", ".join(self.real_shortcuts))
         if self.zero_initialized:
-            lines.append("residual-branch norms initialised to 0 (each block starts as the identity): "
+            lines.append("norms initialised to 0 (residual branches and real-valued shortcuts start as the identity): "
                          + ", ".join(self.zero_initialized))
         if not self.traced:
             lines.append("the model does not trace with torch.fx: activations were not analysed per layer")
@@ -364,6 +372,7 @@ def binarize_model(
     shortcuts: Literal["float", "binary"] = "float",
     pooled: PooledPolicy = "center",
     zero_init_residual: bool = True,
+    layer_shortcuts: bool = True,
     **layer_options,
 ) -> nn.Module:
     """Swap eligible ``nn.Conv2d`` / ``nn.Linear`` modules for ``BinaryConv2d`` / ``BinaryLinear``.
@@ -424,6 +433,18 @@ def binarize_model(
     torchvision's ``zero_init_residual``; torchvision's resnet50 and regnet_y_400mf, binarized, diverge
     without it). Only norms still at PyTorch's initialisation (weight 1, bias 0) are changed: a trained
     model keeps its weights. Listed in ``binarization_report.zero_initialized``.
+
+    ``layer_shortcuts``: give every binary conv whose output goes straight into a ``BatchNorm2d`` (both
+    children of one module) a real-valued shortcut, ``bn(conv(x)) + RealShortcut(x)`` (Bi-Real Net, ReActNet;
+    ``lightning_ovsw.shortcuts``: the input pooled by the stride, its channels tiled or averaged), the
+    module whose forward calls them becoming a ``torch.fx.GraphModule`` of itself (same submodules and
+    state-dict keys). With ``zero_init_residual`` that norm starts at 0, so the path starts real-valued.
+    Not for the last conv of a residual branch (the block's shortcut is its path, and a second one would
+    make the branch start non-zero: resnet50 then diverges) nor a centered conv (the shortcut would carry
+    the max-pool's mean past it: vgg11_bn then stays at chance). Listed in
+    ``binarization_report.real_shortcuts``. Without it, networks with chains of binary convs and no identity
+    path (mobilenet_v2, googlenet, inception_v3, shufflenet_v2, efficientnet_b0) are chaotic at
+    initialisation and do not learn in the 48-step benchmark; with it they do.
 
     The analysis runs on a ``torch.fx`` trace. A model that does not trace gets one warning and, with
     ``"hardtanh"``, every ReLU / ReLU6 module replaced (functional calls cannot be found), with ``"error"`` a
@@ -493,8 +514,12 @@ def binarize_model(
             "or unsupported. Pass skip_first=False / skip_last=False or a different filter_fn."
         )
     pooled_inputs = set(max_pooled_inputs(graph, modules, selected)) if pooled == "center" and graph is not None else set()
+    residual_norms = residual_branch_norms(graph, modules, selected) if graph is not None else []
+    # a centered conv's shortcut would carry its input's mean past it; a residual branch's last conv has one
+    pairs = shortcut_candidates(graph, modules, selected) if layer_shortcuts and graph is not None else {}
+    shortcut_norms = {conv: norm for conv, norm in pairs.items() if conv not in pooled_inputs and norm not in residual_norms}
     if zero_init_residual and graph is not None:
-        report.zero_initialized = _zero_init_untrained(modules, residual_branch_norms(graph, modules, selected))
+        report.zero_initialized = _zero_init_untrained(modules, residual_norms + list(shortcut_norms.values()))
     model = _handle_activations(model, selected, activation, report, graph, trace_error)
     swaps = {}
     for name, module in selected.items():
@@ -508,10 +533,44 @@ def binarize_model(
             swaps[id(module)].center_input()
             report.centered.append(name)
     _replace_by_id(model, swaps)
+    model, report.real_shortcuts = _add_real_shortcuts(model, shortcut_norms)
     report.fast_path_disabled = _disable_transformer_fast_path(model, {id(m) for m in swaps.values()})
     model.binarization_report = report
     _log.info("binarize_model: %d binary layers; %s", len(report.binarized), "; ".join(report.notes()) or "-")
     return model
+
+
+def _add_real_shortcuts(model: nn.Module, norms: dict[str, str]) -> tuple[nn.Module, list[str]]:
+    """``norm(conv(x))`` -> ``norm(conv(x)) + RealShortcut(x)`` for each ``{conv: norm}`` of ``norms`` (children
+    of one module), in the forward of that module, retraced with its children as leaves; returns the model
+    (a GraphModule if the root was rewritten) and the convs that got a shortcut."""
+    by_owner: dict[str, set[str]] = {}
+    for conv in norms:
+        owner, _, child = conv.rpartition(".")
+        by_owner.setdefault(owner, set()).add(child)
+    added = []
+    for owner_name, convs in by_owner.items():
+        owner = model.get_submodule(owner_name)
+        graph = _Tracer({id(m) for m in owner.children()}).trace(owner)
+        for node in list(graph.nodes):
+            if node.op != "call_module" or node.target not in convs or len(node.users) != 1:
+                continue
+            norm = next(iter(node.users))
+            name = f"{node.target}_shortcut"
+            owner.add_module(name, RealShortcut.for_conv(owner.get_submodule(node.target)))
+            with graph.inserting_after(norm):
+                shortcut = graph.call_module(name, (node.args[0],))
+            with graph.inserting_after(shortcut):
+                total = graph.call_function(operator.add, (norm, shortcut))
+            norm.replace_all_uses_with(total, delete_user_cb=lambda user, total=total: user is not total)
+            qualified = f"{owner_name}.{node.target}" if owner_name else node.target
+            added += [qualified] if qualified not in added else []  # a conv called twice: listed once
+        rewritten = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
+        if owner_name:
+            _replace_by_id(model, {id(owner): rewritten})
+        else:
+            model = rewritten
+    return model, sorted(added, key=list(norms).index)
 
 
 def _zero_init_untrained(modules: dict[str, nn.Module], names: list[str]) -> list[str]:

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torchvision.ops import stochastic_depth
 
+from lightning_ovsw.shortcuts import shortcut_fits
+
 NORMALIZATION_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _NORMALIZATION_FUNCTIONS = (F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm)
 # Ops that move, pool or drop values but mix no channels and change no scale: normalization after them
@@ -180,6 +182,23 @@ def shortcut_projections(graph: fx.Graph, modules: dict[str, nn.Module], layers:
         source, after = node.args[0] if node.args else None, _through(node, modules)
         branches = isinstance(source, fx.Node) and len(source.users) > 1
         if (branches and after.op in ("call_function", "call_method") and after.target in _ADDS
-                and source not in after.args):
+                and source not in after.args and name not in found):  # a shared layer: listed once
             found.append(name)
+    return found
+
+
+def shortcut_candidates(graph: fx.Graph, modules: dict[str, nn.Module], layers: dict[str, nn.Module]) -> dict[str, str]:
+    """``{conv name: norm name}`` for each ``nn.Conv2d`` of ``layers`` whose output goes only into a
+    ``BatchNorm2d``, both children of the same module (whose forward gets the real-valued shortcut,
+    ``lightning_ovsw.shortcuts``), and whose geometry a pooled copy of the input can follow."""
+    found = {}
+    for name, node in _layer_nodes(graph, modules, layers):
+        conv = layers[name]
+        norm = next(iter(node.users)) if len(node.users) == 1 else None
+        if (
+            isinstance(conv, nn.Conv2d) and shortcut_fits(conv) and norm is not None and norm.op == "call_module"
+            and isinstance(modules[norm.target], nn.BatchNorm2d) and norm.args == (node,)
+            and node.target.rpartition(".")[0] == norm.target.rpartition(".")[0]
+        ):
+            found[name] = norm.target
     return found

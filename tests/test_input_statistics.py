@@ -164,7 +164,8 @@ class Residual(nn.Module):
 
 
 def test_residual_branch_norms_start_at_zero():
-    model = binarize_model(Residual(), filter_fn=lambda m, name: name != "keep", shortcuts="binary")
+    model = binarize_model(Residual(), filter_fn=lambda m, name: name != "keep", shortcuts="binary",
+                           layer_shortcuts=False)
     assert model.binarization_report.zero_initialized == ["bn1", "bn2"]
     assert not model.bn1.weight.detach().any() and not model.bn2.weight.detach().any()
     assert torch.equal(model.bn_proj.weight, torch.ones(16)) and torch.equal(model.bn_keep.weight, torch.ones(16))
@@ -184,8 +185,11 @@ def test_trained_norms_are_left_alone():
 def test_torchvision_resnet18_roles():
     model = binarize_model(torchvision.models.resnet18(num_classes=10))
     report = model.binarization_report
-    assert sorted(report.zero_initialized) == sorted(f"layer{i}.{j}.bn2" for i in range(1, 5) for j in (0, 1))
+    blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in (0, 1)]
     assert report.centered == ["layer1.0.conv1"]  # after the stem's max-pool; layer1.0's shortcut is identity
+    # conv1 of each block but the centered one (its input's mean would leak past it); conv2 ends the branch
+    assert report.real_shortcuts == [f"{b}.conv1" for b in blocks[1:]]
+    assert sorted(report.zero_initialized) == sorted([f"{b}.bn2" for b in blocks] + [f"{b}.bn1" for b in blocks[1:]])
     x = torch.randn(4, 3, 32, 32)
     model.train()
     model(x)
