@@ -27,6 +27,10 @@ window of symmetric values is positive with probability 1 - 2^-9, and 92-100 % o
 were >= 0 in googlenet, inception_v3, squeezenet1_0, vgg11_bn and the ResNet stems (random init, synthetic
 images). ``binarize_model`` gives those layers an input threshold at the running channel mean
 (``BinaryLayer.center_input``).
+
+**Shortcut candidates**: a binary conv whose output goes straight into a BatchNorm2d of the same module, with
+a geometry that an average-pooled copy of its input follows; ``binarize_model`` adds a real-valued shortcut
+around the pair (``lightning_ovsw.shortcuts``).
 """
 
 from __future__ import annotations
