@@ -162,14 +162,15 @@ class _NonNegativeAnalysis:
 
 
 class _Tracer(fx.Tracer):
-    """Keeps the modules in ``leaves`` (the layers to binarize) as single ``call_module`` nodes."""
+    """Keeps the modules in ``leaves`` (the layers to binarize) and real-valued shortcuts as single
+    ``call_module`` nodes."""
 
     def __init__(self, leaves: set[int]) -> None:
         super().__init__()
         self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return id(m) in self.leaves or super().is_leaf_module(m, module_qualified_name)
+        return id(m) in self.leaves or isinstance(m, RealShortcut) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _owner(node: fx.Node) -> str:

@@ -20,7 +20,8 @@ JSON text:
     format_version  "2"
     versions        {"lightning_ovsw": ..., "torch": ..., "safetensors": ...}, the writer's versions
     modules         {"<module name>": {"type": "PackedConv2d", "stride": [1, 1], ...}}: each packed
-                    layer's configuration, which tensor shapes alone do not pin down
+                    layer's configuration, which tensor shapes alone do not pin down, and each
+                    ``RealShortcut`` (no tensors: only this table tells a model with them from one without)
     pack_options    the ``pack_model`` options the model was packed with (``null`` if unknown), so that
                     ``load_packed`` packs a binarized target the same way
     float_dtype     ``null``, or the dtype the full-precision conv / linear weights were stored in
@@ -53,6 +54,7 @@ import lightning_ovsw
 from lightning_ovsw.packed_layers import PackedConv2d, PackedLinear
 from lightning_ovsw.packing import pack_model
 from lightning_ovsw.registry import binary_layers, full_precision_layers, packed_layers
+from lightning_ovsw.shortcuts import RealShortcut
 
 FORMAT = "lightning-ovsw-packed"
 FORMAT_VERSION = 2
@@ -73,13 +75,15 @@ _MODULE_FIELDS = {
         "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "pad_value", "centered",
     ),
     PackedLinear: ("in_features", "out_features", "bn_folded", "centered"),
+    RealShortcut: ("in_channels", "out_channels", "stride"),
 }
 
 
 def _module_configs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Configuration of every packed layer, JSON-ready (tuples become lists)."""
+    """Configuration of every packed layer and real-valued shortcut, JSON-ready (tuples become lists)."""
     configs = {}
-    for name, m in packed_layers(model):
+    shortcuts = [(name, m) for name, m in model.named_modules() if isinstance(m, RealShortcut)]
+    for name, m in [*packed_layers(model), *shortcuts]:
         fields = _MODULE_FIELDS[type(m)]
         configs[name] = {"type": type(m).__name__} | {
             f: list(v) if isinstance(v, tuple) else v for f, v in ((f, getattr(m, f)) for f in fields)
@@ -131,7 +135,7 @@ def save_packed(
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_packed expects an nn.Module, got {type(model).__name__}.")
     configs = _module_configs(model)
-    if not configs:
+    if not packed_layers(model):
         raise ValueError(
             "save_packed expects a packed model; call lightning_ovsw.packing.pack_model(model) first."
         )
@@ -354,7 +358,7 @@ def _mismatch(path: str | os.PathLike, problems: list[str]) -> ValueError:
     shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
     return ValueError(
         f"{os.fspath(path)} does not match the target model: {shown}. Pass the same architecture (and "
-        "binarize_model options) as the model that was saved."
+        "binarize_model options, layer_shortcuts included) as the model that was saved."
     )
 
 
@@ -378,11 +382,11 @@ def _problems(tensors: Mapping[str, Tensor], header: Mapping[str, Any], model: n
             problems.append(f"{k!r} has dtype {got.dtype} in the file, {want.dtype} in the model")
     saved, target = header["modules"], _module_configs(model)
     problems += [
-        f"layer {name!r} is {saved.get(name)} in the file, {cfg} in the model"
+        f"layer {name!r} is {saved.get(name, 'absent')} in the file, {cfg} in the model"
         for name, cfg in target.items()
         if saved.get(name) != cfg
     ]
-    problems += [f"layer {name!r} is in the file, not a packed layer in the model" for name in saved.keys() - target.keys()]
+    problems += [f"layer {name!r} is {saved[name]} in the file, absent from the model" for name in saved.keys() - target.keys()]
     return problems
 
 

@@ -25,16 +25,18 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear
 from lightning_ovsw.packed_layers import PackedConv2d, PackedLinear
 from lightning_ovsw.registry import binary_layers
+from lightning_ovsw.shortcuts import RealShortcut
 
 _FOLDABLE = {BinaryConv2d: nn.BatchNorm2d, BinaryLinear: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}
 _ADDS = (operator.add, operator.iadd, torch.add)
 
 
 class _LeafTracer(fx.Tracer):
-    """Keeps binary and packed layers and BatchNorms as single ``call_module`` nodes."""
+    """Keeps binary and packed layers, BatchNorms and real-valued shortcuts as single ``call_module`` nodes
+    (a traced-through shortcut would be left in the packed model as a bare ``nn.Module``)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        leaves = (BinaryLayer, PackedConv2d, PackedLinear, nn.modules.batchnorm._BatchNorm)
+        leaves = (BinaryLayer, PackedConv2d, PackedLinear, nn.modules.batchnorm._BatchNorm, RealShortcut)
         return isinstance(m, leaves) or super().is_leaf_module(m, module_qualified_name)
 
 

@@ -170,9 +170,17 @@ def test_packed_model_with_shortcuts_matches_in_files_and_exports(tmp_path):
         assert not torch.allclose(model(torch.randn(5, 3, 12, 12)), expected)  # depends on the input
         packed = pack_model(model)
         assert torch.allclose(packed(x), expected, atol=1e-4)
+    assert isinstance(packed.a.conv_shortcut, RealShortcut)  # kept whole by the fusions' retrace
     save_packed(packed, tmp_path / "m.ovsw")
     loaded = load_packed(tmp_path / "m.ovsw", binarize_model(Net()))
     with torch.no_grad():
         assert torch.allclose(loaded(x), expected, atol=1e-4)
     export_packed(packed, x, tmp_path / "m.pt2")
     assert torch.allclose(load_exported(tmp_path / "m.pt2")(x), expected, atol=1e-4)
+    # the shortcuts have no tensors: only the file's module table tells the two architectures apart
+    with pytest.raises(ValueError, match="layer 'a.conv_shortcut' is .*'RealShortcut'.* in the file, absent"):
+        load_packed(tmp_path / "m.ovsw", binarize_model(Net(), layer_shortcuts=False))
+    plain = pack_model(binarize_model(Net(), layer_shortcuts=False))
+    save_packed(plain, tmp_path / "plain.ovsw")
+    with pytest.raises(ValueError, match="layer 'a.conv_shortcut' is absent in the file, .*'RealShortcut'"):
+        load_packed(tmp_path / "plain.ovsw", binarize_model(Net()))
