@@ -65,10 +65,12 @@ OPENVINO_ROWS = {
 
 
 def binary_model(arch: str) -> tuple[nn.Module, str]:
-    """The paper's ImageNet ResNet-18 (zoo), or torchvision's ResNet-18 through ``binarize_model``."""
+    """The paper's ImageNet ResNet-18 (zoo), or torchvision's ResNet-18 through ``binarize_model`` (without
+    the real-valued shortcuts, which ``openvino_baseline.to_openvino`` does not translate)."""
     if arch == "resnet18_1w1a":
         return resnet18_1w1a(), "lightning_ovsw.models.resnet18_1w1a"
-    return binarize_model(torchvision.models.resnet18()), "binarize_model(torchvision resnet18)"
+    return (binarize_model(torchvision.models.resnet18(), layer_shortcuts=False),
+            "binarize_model(torchvision resnet18, layer_shortcuts=False)")
 
 
 def float_twin(model: nn.Module) -> nn.Module:
