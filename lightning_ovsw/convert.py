@@ -30,7 +30,7 @@ from lightning_ovsw.layer_roles import (
     shortcut_projections,
     unnormalized_layers,
 )
-from lightning_ovsw.layers import BinaryConv2d, BinaryLinear, BinaryOptions
+from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear, BinaryOptions
 from lightning_ovsw.registry import binary_layers, full_precision_layers, packed_layers
 from lightning_ovsw.shortcuts import RealShortcut
 
@@ -162,15 +162,16 @@ class _NonNegativeAnalysis:
 
 
 class _Tracer(fx.Tracer):
-    """Keeps the modules in ``leaves`` (the layers to binarize) and real-valued shortcuts as single
-    ``call_module`` nodes."""
+    """Keeps the modules in ``leaves`` (the layers to binarize), binary layers and real-valued shortcuts
+    (from an earlier ``binarize_model``) as single ``call_module`` nodes."""
 
     def __init__(self, leaves: set[int]) -> None:
         super().__init__()
         self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return id(m) in self.leaves or isinstance(m, RealShortcut) or super().is_leaf_module(m, module_qualified_name)
+        return (id(m) in self.leaves or isinstance(m, (BinaryLayer, RealShortcut))
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def _owner(node: fx.Node) -> str:

@@ -134,11 +134,11 @@ def save_packed(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_packed expects an nn.Module, got {type(model).__name__}.")
-    configs = _module_configs(model)
     if not packed_layers(model):
         raise ValueError(
             "save_packed expects a packed model; call lightning_ovsw.packing.pack_model(model) first."
         )
+    configs = _module_configs(model)
     if float_dtype not in (None, *_FLOAT_DTYPES.values()):
         raise ValueError(
             f"float_dtype must be None, torch.float16, torch.bfloat16 or torch.float32, got {float_dtype}."

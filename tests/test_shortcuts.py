@@ -149,6 +149,32 @@ def test_root_owner_becomes_a_graph_module():
     assert isinstance(model.conv_shortcut, RealShortcut)
 
 
+class ReluBlock(Block):
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class ReluOwner(nn.Module):
+    """``b``'s forward ends in a functional ReLU that feeds ``c``: binarizing ``c`` later retraces ``b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.b, self.c, self.fc = nn.Conv2d(3, 8, 3, padding=1), ReluBlock(8, 8), nn.Conv2d(8, 8, 1), \
+            nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.c(self.b(F.hardtanh(self.stem(x)))).mean((2, 3)))
+
+
+def test_a_second_binarization_keeps_the_shortcuts():
+    once = binarize_model(ReluOwner(), filter_fn=lambda m, name: name == "b.conv")
+    assert once.binarization_report.real_shortcuts == ["b.conv"]
+    twice = binarize_model(once, filter_fn=lambda m, name: name == "c")
+    assert twice.binarization_report.traced  # the binary layers of the first pass are leaves of the trace
+    assert twice.binarization_report.replaced_activations == {"relu() in b": "F.hardtanh"}
+    assert isinstance(twice.b.conv_shortcut, RealShortcut)  # not traced through into a bare nn.Module
+
+
 def trained_net() -> nn.Module:
     torch.manual_seed(1)
     model = binarize_model(Net())
