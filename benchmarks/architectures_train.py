@@ -1,7 +1,7 @@
 """Does ``binarize_model`` on a torchvision classifier give a network that learns? A short plain-PyTorch run.
 
 For each architecture of ``tests/test_architectures.py`` (the smallest input each takes): ``binarize_model``
-with its defaults, then SGD (momentum 0.9, weight decay 5e-4, linear warm-up then cosine, the README's
+with its defaults (and ``BINARIZE_OPTIONS``), then SGD (momentum 0.9, weight decay 5e-4, linear warm-up then cosine, the README's
 recipe) or Adam (Bi-Real's; lr ``--adam-lr``, no decay) on the seeded ``SyntheticDataModule`` task (class templates +
 noise + shifts), BatchNorm in training mode. Reports the mean training loss of the first and last
 ``--window`` steps, their ratio, and the validation top-1 after training (chance: 10 %). A loss that does
@@ -44,6 +44,9 @@ MEAN, STD = 0.5, 0.25  # the synthetic images' range, roughly centred
 # Float models that stay at chance with SGD lr 0.05 here and learn with Adam lr 1e-3 (51.6 % and 26.9 % val):
 # benchmarks/results/architectures_train_float_20261203_0120.json and the 2026-12-03 note of issue 10.
 ADAM_IN_FLOAT = {"squeezenet1_0", "vgg11_bn"}
+# binarize_model options beyond its defaults: squeezenet1_0 has no normalization layer at all, so it gets a
+# BatchNorm (and with it a real-valued shortcut) after every binary conv; with the defaults it stays at 2.30
+BINARIZE_OPTIONS = {"squeezenet1_0": {"unnormalized": "batchnorm"}}
 
 
 def optimizer_for(name: str, choice: str) -> str:
@@ -66,7 +69,7 @@ def train_one(name: str, size: int, steps: int, optimizer: str, lr: float, warmu
     dm.setup("fit")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # grouped convs kept float
-        model = binarize_model(build(name)) if binary else build(name)
+        model = binarize_model(build(name), **BINARIZE_OPTIONS.get(name, {})) if binary else build(name)
     opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4) if optimizer == "sgd"
            else torch.optim.Adam(model.parameters(), lr=lr))
     losses: list[float] = []
@@ -126,7 +129,8 @@ def main() -> None:
             continue
         optimizer = optimizer_for(name, args.optimizer)
         lr = args.lr if optimizer == "sgd" else args.adam_lr
-        r = results[name] = {"optimizer": optimizer, "lr": lr} | train_one(
+        options = BINARIZE_OPTIONS.get(name, {}) if not args.float else {}
+        r = results[name] = {"optimizer": optimizer, "lr": lr, "binarize_options": options} | train_one(
             name, size, args.steps, optimizer, lr, args.warmup, args.batch, args.window, binary=not args.float)
         flag = "" if r["falls"] else "  <- does not fall"
         ratio = float("nan") if r["ratio"] is None else r["ratio"]

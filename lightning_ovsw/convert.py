@@ -14,7 +14,7 @@ import copy
 import logging
 import operator
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -37,8 +37,12 @@ from lightning_ovsw.shortcuts import RealShortcut
 FilterFn = Callable[[nn.Module, str], bool]
 ActivationPolicy = Literal["hardtanh", "keep", "error"]
 ACTIVATION_POLICIES: tuple[str, ...] = ("hardtanh", "keep", "error")
-UnnormalizedPolicy = Literal["mean", "learnable", "float", "keep"]
-UNNORMALIZED_POLICIES: tuple[str, ...] = ("mean", "learnable", "float", "keep")
+UnnormalizedPolicy = Literal["mean", "learnable", "batchnorm", "float", "keep"]
+UNNORMALIZED_POLICIES: tuple[str, ...] = ("mean", "learnable", "batchnorm", "float", "keep")
+# The weight a norm added by unnormalized="batchnorm" starts at: its conv's binary branch starts small beside
+# the real-valued shortcut (squeezenet1_0, 48 Adam steps, benchmarks/architectures_train.py: loss ratio 0.87-0.89
+# for 0.1-0.3, 0.94 at 0, where the branch hardly grows in at lr 1e-3, 0.99 at 1, chaotic as without shortcuts)
+ADDED_NORM_WEIGHT = 0.2
 PooledPolicy = Literal["center", "keep"]
 POOLED_POLICIES: tuple[str, ...] = ("center", "keep")
 _UNNORMALIZED_REASON = "output not normalized (no BatchNorm/LayerNorm after it)"
@@ -202,7 +206,8 @@ class ConversionReport:
     layers that read a max-pooled input and threshold it at its running channel mean (``pooled="center"``);
     ``zero_initialized`` the residual-branch norms whose weight was set to 0 (``zero_init_residual``);
     ``real_shortcuts`` the binary convs that got a real-valued shortcut around them and their norm
-    (``layer_shortcuts``).
+    (``layer_shortcuts``); ``added_norms`` the binary convs that got a new norm after them
+    (``unnormalized="batchnorm"``).
     """
 
     binarized: list[str] = field(default_factory=list)
@@ -214,6 +219,7 @@ class ConversionReport:
     centered: list[str] = field(default_factory=list)
     zero_initialized: list[str] = field(default_factory=list)
     real_shortcuts: list[str] = field(default_factory=list)
+    added_norms: list[str] = field(default_factory=list)
     traced: bool = True
     fast_path_disabled: list[str] = field(default_factory=list)
 
@@ -230,6 +236,9 @@ class ConversionReport:
         if self.rescaled:
             lines.append("no normalization after these binary layers, so alpha = mean|W| keeps the float layer's "
                          "output magnitude: " + ", ".join(f"{n} (scale={s!r})" for n, s in self.rescaled.items()))
+        if self.added_norms:
+            lines.append(f"BatchNorm2d added after (weight {ADDED_NORM_WEIGHT}; new state-dict keys <conv>_norm.*): "
+                         + ", ".join(self.added_norms))
         if self.centered:
             lines.append("max-pooled (mostly >= 0) inputs thresholded at their running channel mean: "
                          + ", ".join(self.centered))
@@ -412,6 +421,10 @@ def binarize_model(
       (the float layer's output magnitude; listed in ``binarization_report.rescaled``). Only when the options
       ask for the standardized scale;
     - ``"learnable"``: the same ``alpha`` as a trained parameter (XNOR-Net++; less stable at large lr);
+    - ``"batchnorm"``: a new ``BatchNorm2d`` after each such conv (a child ``<conv>_norm`` of the module that
+      calls it, weight ``ADDED_NORM_WEIGHT``; new state-dict keys; listed in ``binarization_report.added_norms``),
+      which also gets a real-valued shortcut (``layer_shortcuts``); linear layers get ``"mean"``. For networks
+      with no normalization at all: binarized squeezenet1_0 learns only with it;
     - ``"float"``: keep them in full precision (with the reason);
     - ``"keep"``: give them the options as they are.
 
@@ -442,8 +455,13 @@ def binarize_model(
     module whose forward calls them becoming a ``torch.fx.GraphModule`` of itself (same submodules and
     state-dict keys). With ``zero_init_residual`` that norm starts at 0, so the path starts real-valued.
     Not for the last conv of a residual branch (the block's shortcut is its path, and a second one would
-    make the branch start non-zero: resnet50 then diverges) nor a centered conv (the shortcut would carry
-    the max-pool's mean past it: vgg11_bn then stays at chance). Listed in
+    make the branch start non-zero: resnet50 then diverges), and for a centered conv (``pooled``) only when
+    its norm is one ``unnormalized="batchnorm"`` added; that shortcut carries the centered input ``x - m``
+    (squeezenet1_0 does not learn without). Around a centered conv with a norm of its own, an uncentered
+    shortcut carried the max-pool's positive mean past the conv (vgg11_bn stayed at chance), and a centered
+    one, with that norm at 0, left vgg11_bn's features the same for every input (the max-pools shrink
+    ``x - m`` layer by layer); with the norm at 1, resnet18, vgg11_bn and googlenet learnt less (48-step
+    loss ratios 0.09, 0.09, 0.56 against 0.07, 0.07, 0.39 without). Listed in
     ``binarization_report.real_shortcuts``. Without it, networks with chains of binary convs and no identity
     path (mobilenet_v2, googlenet, inception_v3, shufflenet_v2, efficientnet_b0) are chaotic at
     initialisation and do not learn in the 48-step benchmark; with it they do.
@@ -509,6 +527,17 @@ def binarize_model(
         not_normalized = []
     elif options.scale != "standardized":
         not_normalized = []
+    elif unnormalized in ("mean", "learnable") and _all_convs_unnormalized(selected, not_normalized):
+        warnings.warn(
+            f"binarize_model: no binary conv of {type(model).__name__} has a normalization after it, so none gets a "
+            "real-valued shortcut and a chain of them is chaotic at initialisation (binarized squeezenet1_0 does not "
+            "learn); pass unnormalized='batchnorm' to add a BatchNorm2d (and a shortcut) after each.", stacklevel=2)
+    elif unnormalized == "batchnorm" and graph is not None:
+        convs = [name for name in not_normalized if isinstance(selected[name], nn.Conv2d)]
+        model, report.added_norms = _rewrite_calls(model, convs, _insert_norm)
+        not_normalized = [name for name in not_normalized if name not in report.added_norms]
+        modules = dict(model.named_modules())
+        graph, trace_error = _trace(model, selected)
     if not selected:
         raise ValueError(
             f"binarize_model found nothing to binarize in {type(model).__name__}: {len(candidates)} conv/linear "
@@ -517,62 +546,106 @@ def binarize_model(
         )
     pooled_inputs = set(max_pooled_inputs(graph, modules, selected)) if pooled == "center" and graph is not None else set()
     residual_norms = residual_branch_norms(graph, modules, selected) if graph is not None else []
-    # a centered conv's shortcut would carry its input's mean past it; a residual branch's last conv has one
+    # a residual branch's last conv has one already (the block's shortcut); a centered conv only with a new norm
     pairs = shortcut_candidates(graph, modules, selected) if layer_shortcuts and graph is not None else {}
-    shortcut_norms = {conv: norm for conv, norm in pairs.items() if conv not in pooled_inputs and norm not in residual_norms}
+    shortcut_norms = {conv: norm for conv, norm in pairs.items() if norm not in residual_norms
+                      and (conv not in pooled_inputs or conv in report.added_norms)}
     if zero_init_residual and graph is not None:
         report.zero_initialized = _zero_init_untrained(modules, residual_norms + list(shortcut_norms.values()))
     model = _handle_activations(model, selected, activation, report, graph, trace_error)
     swaps = {}
     for name, module in selected.items():
         cls = BinaryConv2d if isinstance(module, nn.Conv2d) else BinaryLinear
-        scaled = replace(options, scale=unnormalized) if name in not_normalized else options
-        swaps[id(module)] = cls.from_float(module, scaled)
+        scale = "mean" if unnormalized == "batchnorm" else unnormalized
+        swaps[id(module)] = cls.from_float(module, replace(options, scale=scale) if name in not_normalized else options)
         report.binarized.append(name)
         if name in not_normalized:
-            report.rescaled[name] = unnormalized
+            report.rescaled[name] = scale
         if name in pooled_inputs:
             swaps[id(module)].center_input()
             report.centered.append(name)
     _replace_by_id(model, swaps)
-    model, report.real_shortcuts = _add_real_shortcuts(model, shortcut_norms)
+    model, report.real_shortcuts = _rewrite_calls(model, shortcut_norms, _add_real_shortcut)
     report.fast_path_disabled = _disable_transformer_fast_path(model, {id(m) for m in swaps.values()})
     model.binarization_report = report
     _log.info("binarize_model: %d binary layers; %s", len(report.binarized), "; ".join(report.notes()) or "-")
     return model
 
 
-def _add_real_shortcuts(model: nn.Module, norms: dict[str, str]) -> tuple[nn.Module, list[str]]:
-    """``norm(conv(x))`` -> ``norm(conv(x)) + RealShortcut(x)`` for each ``{conv: norm}`` of ``norms`` (children
-    of one module), in the forward of that module, retraced with its children as leaves; returns the model
-    (a GraphModule if the root was rewritten) and the convs that got a shortcut."""
+def _all_convs_unnormalized(selected: dict[str, nn.Module], not_normalized: list[str]) -> bool:
+    """Whether the selection holds a chain of convs (three or more) and no normalization follows any of them."""
+    convs = [name for name, m in selected.items() if isinstance(m, nn.Conv2d)]
+    return len(convs) >= 3 and set(convs) <= set(not_normalized)
+
+
+def _rewrite_calls(model: nn.Module, layers: Iterable[str],
+                   rewrite: Callable[[nn.Module, fx.Graph, list[fx.Node]], bool]) -> tuple[nn.Module, list[str]]:
+    """Retrace the parent of each named layer with its children as leaves and ``rewrite(parent, graph, calls)``
+    with the nodes that call the layer; a parent rewritten becomes a ``torch.fx.GraphModule`` of itself (same
+    submodules and state-dict keys). Returns the model (a GraphModule if the root was rewritten) and the
+    layers rewritten, in the order given."""
+    layers = list(layers)
     by_owner: dict[str, set[str]] = {}
-    for conv in norms:
-        owner, _, child = conv.rpartition(".")
+    for layer in layers:
+        owner, _, child = layer.rpartition(".")
         by_owner.setdefault(owner, set()).add(child)
-    added = []
-    for owner_name, convs in by_owner.items():
+    done = set()
+    for owner_name, children in by_owner.items():
         owner = model.get_submodule(owner_name)
         graph = _Tracer({id(m) for m in owner.children()}).trace(owner)
-        for node in list(graph.nodes):
-            if node.op != "call_module" or node.target not in convs or len(node.users) != 1:
-                continue
-            norm = next(iter(node.users))
-            name = f"{node.target}_shortcut"
-            owner.add_module(name, RealShortcut.for_conv(owner.get_submodule(node.target)))
-            with graph.inserting_after(norm):
-                shortcut = graph.call_module(name, (node.args[0],))
-            with graph.inserting_after(shortcut):
-                total = graph.call_function(operator.add, (norm, shortcut))
-            norm.replace_all_uses_with(total, delete_user_cb=lambda user, total=total: user is not total)
-            qualified = f"{owner_name}.{node.target}" if owner_name else node.target
-            added += [qualified] if qualified not in added else []  # a conv called twice: listed once
+        calls: dict[str, list[fx.Node]] = {}
+        for node in graph.nodes:
+            if node.op == "call_module" and node.target in children:
+                calls.setdefault(node.target, []).append(node)
+        changed = {child for child, nodes in calls.items() if rewrite(owner, graph, nodes)}
+        if not changed:
+            continue
+        done |= {f"{owner_name}.{child}" if owner_name else child for child in changed}
         rewritten = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
         if owner_name:
             _replace_by_id(model, {id(owner): rewritten})
         else:
             model = rewritten
-    return model, sorted(added, key=list(norms).index)
+    return model, [layer for layer in layers if layer in done]
+
+
+def _add_real_shortcut(owner: nn.Module, graph: fx.Graph, calls: list[fx.Node]) -> bool:
+    """``norm(conv(x))`` -> ``norm(conv(x)) + RealShortcut(x)`` at each call of a conv whose only user is its
+    norm; a centered conv's shortcut also gets the conv's running ``input_mean``."""
+    added = False
+    for node in calls:
+        if len(node.users) != 1:
+            continue
+        norm = next(iter(node.users))
+        name = f"{node.target}_shortcut"
+        shortcut = RealShortcut.for_conv(owner.get_submodule(node.target))
+        owner.add_module(name, shortcut)
+        with graph.inserting_after(norm):
+            mean = graph.get_attr(f"{node.target}.input_mean") if shortcut.centered else None
+        with graph.inserting_after(mean or norm):
+            path = graph.call_module(name, (node.args[0],) + ((mean,) if mean else ()))
+        with graph.inserting_after(path):
+            total = graph.call_function(operator.add, (norm, path))
+        norm.replace_all_uses_with(total, delete_user_cb=lambda user, total=total: user is not total)
+        added = True
+    return added
+
+
+def _insert_norm(owner: nn.Module, graph: fx.Graph, calls: list[fx.Node]) -> bool:
+    """``conv(x)`` -> ``norm(conv(x))`` with a new ``BatchNorm2d`` child ``<conv>_norm`` whose weight starts at
+    ``ADDED_NORM_WEIGHT``; only for a conv called once (a norm shared by two calls would mix their statistics)."""
+    if len(calls) != 1:
+        return False
+    node = calls[0]
+    conv = owner.get_submodule(node.target)
+    name = f"{node.target}_norm"
+    norm = nn.BatchNorm2d(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype)
+    nn.init.constant_(norm.weight, ADDED_NORM_WEIGHT)
+    owner.add_module(name, norm)
+    with graph.inserting_after(node):
+        call = graph.call_module(name, (node,))
+    node.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
+    return True
 
 
 def _zero_init_untrained(modules: dict[str, nn.Module], names: list[str]) -> list[str]:

@@ -75,7 +75,7 @@ _MODULE_FIELDS = {
         "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "pad_value", "centered",
     ),
     PackedLinear: ("in_features", "out_features", "bn_folded", "centered"),
-    RealShortcut: ("in_channels", "out_channels", "stride"),
+    RealShortcut: ("in_channels", "out_channels", "stride", "centered"),
 }
 
 
@@ -358,7 +358,7 @@ def _mismatch(path: str | os.PathLike, problems: list[str]) -> ValueError:
     shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
     return ValueError(
         f"{os.fspath(path)} does not match the target model: {shown}. Pass the same architecture (and "
-        "binarize_model options, layer_shortcuts included) as the model that was saved."
+        "binarize_model options, layer_shortcuts and unnormalized included) as the model that was saved."
     )
 
 

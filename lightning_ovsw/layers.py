@@ -109,6 +109,14 @@ def subtract_per_channel(x: Tensor, mean: Tensor, channel_dim: int) -> Tensor:
     return x - mean.to(x.dtype).view(shape)
 
 
+def centering_mean(x: Tensor, running: Tensor, channel_dim: int, training: bool) -> Tensor:
+    """The per-channel threshold a centered layer subtracts (``BinaryLayer.center_input``): the detached batch
+    mean in training, ``running`` in eval or for a lone unbatched vector (no batch to average). The real-valued
+    shortcut around a centered conv subtracts the same (``lightning_ovsw.shortcuts``)."""
+    dims = tuple(d for d in range(x.ndim) if d != channel_dim)
+    return x.detach().to(running.dtype).mean(dim=dims) if training and dims else running
+
+
 def _compute_dtype(x: Tensor, dtype: torch.dtype) -> torch.dtype:
     """The dtype an op on ``x`` runs in: autocast's for ``x``'s device when it is on, else ``dtype``."""
     device = x.device.type
@@ -156,13 +164,10 @@ class BinaryLayer:
         """``x - m`` per channel (``center_input``), or ``x`` itself for a layer that is not centered."""
         if self.input_mean is None:
             return x
-        dims = tuple(d for d in range(x.ndim) if d != channel_dim)
-        if self.training and dims:
-            mean = x.detach().to(self.input_mean.dtype).mean(dim=dims)
+        mean = centering_mean(x, self.input_mean, channel_dim, self.training)
+        if mean is not self.input_mean:
             with torch.no_grad():
                 self.input_mean.lerp_(mean, CENTER_MOMENTUM)
-        else:  # eval, or a lone unbatched vector (no batch to average)
-            mean = self.input_mean
         return subtract_per_channel(x, mean, channel_dim)
 
     def binary_weight(self) -> Tensor:

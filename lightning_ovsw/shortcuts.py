@@ -9,7 +9,11 @@ torchvision's mobilenet_v2, googlenet and shufflenet_v2, binarized, uncorrelated
 
 The shortcut maps ``x`` (``C_in`` channels) to the conv output's shape without parameters: average pooling
 by the conv's stride, then the channels as ReActNet does: tiled when ``C_out > C_in``, averaged over groups
-when ``C_in`` is a multiple of ``C_out``, otherwise every ``C_in / C_out``-th channel.
+when ``C_in`` is a multiple of ``C_out``, otherwise every ``C_in / C_out``-th channel. Around a centered conv
+(one that thresholds a max-pooled input at its channel mean, ``BinaryLayer.center_input``) the shortcut
+carries the centered input ``x - m`` too: the mean of a max-pool output is positive and grows with every
+pool, so an uncentered path saturates the next hardtanh (vgg11_bn stayed at chance; squeezenet1_0's features
+at its classifier were a constant +1).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_ovsw.layers import centering_mean, subtract_per_channel
 
 
 def shortcut_fits(conv: nn.Conv2d) -> bool:
@@ -30,13 +36,14 @@ def shortcut_fits(conv: nn.Conv2d) -> bool:
 
 class RealShortcut(nn.Module):
     """``x`` -> the conv output's shape: ``avg_pool(stride)`` then a fixed channel map. No parameters, no
-    state-dict entries."""
+    state-dict entries. A ``centered`` one first subtracts the conv's threshold ``m`` as the conv does: the
+    batch's channel mean in training, the ``mean`` it is given (the conv's running ``input_mean``) in eval."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, centered: bool = False) -> None:
         super().__init__()
         if min(in_channels, out_channels, stride) < 1:
             raise ValueError(f"RealShortcut needs positive sizes, got {in_channels=}, {out_channels=}, {stride=}.")
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.in_channels, self.out_channels, self.stride, self.centered = in_channels, out_channels, stride, centered
         self.groups = in_channels // out_channels if in_channels % out_channels == 0 else 1
         if self.groups == 1 and in_channels != out_channels:
             index = torch.arange(out_channels) % in_channels if out_channels > in_channels else (
@@ -47,9 +54,14 @@ class RealShortcut(nn.Module):
 
     @classmethod
     def for_conv(cls, conv: nn.Conv2d) -> RealShortcut:
-        return cls(conv.in_channels, conv.out_channels, conv.stride[0])
+        return cls(conv.in_channels, conv.out_channels, conv.stride[0], getattr(conv, "input_mean", None) is not None)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mean: Tensor | None = None) -> Tensor:
+        if self.centered != (mean is not None):
+            raise ValueError("a centered RealShortcut needs the conv's running input mean (forward(x, mean)) and an "
+                             "uncentered one takes none; it is called from the graph binarize_model wrote.")
+        if mean is not None:
+            x = subtract_per_channel(x, centering_mean(x, mean, x.ndim - 3, self.training), x.ndim - 3)
         if self.stride > 1:
             x = F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True)
         if self.groups > 1:  # channel j averages j, j + C_out, j + 2 C_out, ...
@@ -57,4 +69,4 @@ class RealShortcut(nn.Module):
         return x if self.index is None else x.index_select(-3, self.index)
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}" + (", centered" if self.centered else "")

@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 
 from lightning_ovsw import binarize_model
+from lightning_ovsw.layers import CENTER_MOMENTUM
 from lightning_ovsw.packed_layers import PackedConv2d, PackedLinear
 from lightning_ovsw.packing import pack_model
 from lightning_ovsw.registry import binary_layers
@@ -52,6 +53,10 @@ def check_binarized(model: nn.Module, x: torch.Tensor) -> None:
             norm.momentum = None
     model.train()
     model(x).square().mean().backward()
+    with torch.no_grad():  # the same for the centered layers' running input mean: one step from 0 gave 0.1 m
+        for _, layer in binary_layers(model):
+            if layer.input_mean is not None:
+                layer.input_mean /= CENTER_MOMENTUM
     bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
     assert not bad, bad
     model.eval()
@@ -81,6 +86,17 @@ def test_torchvision_classifier(name, size):
         warnings.simplefilter("ignore")  # grouped convs kept float
         model = binarize_model(build(name))
     check_binarized(model, torch.randn(4, 3, size, size))
+
+
+@pytest.mark.slow
+def test_squeezenet_learns_with_added_norms():
+    """squeezenet1_0 has no normalization layer: ``unnormalized="batchnorm"`` gives every binary conv a norm
+    and a real-valued shortcut (the only option under which it learns, ``benchmarks/architectures_train.py``)."""
+    model = binarize_model(build("squeezenet1_0"), unnormalized="batchnorm")
+    report = model.binarization_report
+    assert len(report.binarized) == 24 and set(report.added_norms) == set(report.binarized) == set(report.real_shortcuts)
+    assert not report.rescaled and len(report.centered) == 3
+    check_binarized(model, torch.randn(4, 3, 64, 64))
 
 
 def test_resnet18_replaces_every_relu_that_feeds_a_binary_conv():

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lightning_ovsw import binarize_model, load_packed, save_packed
+from lightning_ovsw.convert import ADDED_NORM_WEIGHT
 from lightning_ovsw.export import export_packed, load_exported
 from lightning_ovsw.packing import pack_model
 from lightning_ovsw.shortcuts import RealShortcut, shortcut_fits
@@ -210,3 +211,90 @@ def test_packed_model_with_shortcuts_matches_in_files_and_exports(tmp_path):
     save_packed(plain, tmp_path / "plain.ovsw")
     with pytest.raises(ValueError, match="layer 'a.conv_shortcut' is absent in the file, .*'RealShortcut'"):
         load_packed(tmp_path / "plain.ovsw", binarize_model(Net()))
+
+
+def test_centered_shortcut_subtracts_the_convs_threshold():
+    x = torch.rand(3, 4, 6, 6) + 0.5  # a max-pool output: mostly positive
+    mean = torch.rand(4)
+    shortcut = RealShortcut(4, 8, 2, centered=True)
+    shortcut.train()  # the batch's channel mean, as the conv thresholds in training
+    want = reference_shortcut(x - x.mean((0, 2, 3), keepdim=True), 8, 2)
+    assert torch.allclose(shortcut(x, mean).double(), want, atol=1e-6)
+    shortcut.eval()  # the running mean it is given
+    want = reference_shortcut(x - mean.view(1, -1, 1, 1), 8, 2)
+    assert torch.allclose(shortcut(x, mean).double(), want, atol=1e-6)
+    assert torch.allclose(shortcut(x[0], mean).double(), want[0], atol=1e-6)  # unbatched
+    with pytest.raises(ValueError, match="needs the conv's running input mean"):
+        shortcut(x)
+    with pytest.raises(ValueError, match="uncentered one takes none"):
+        RealShortcut(4, 8, 2)(x, mean)
+    assert "centered" in repr(shortcut) and shortcut.state_dict() == {}
+
+
+class NoNorm(nn.Module):
+    """No normalization anywhere (squeezenet's pattern): stem, ReLU, max-pool, then ``a`` (centered), ``b``,
+    and ``twice``, one conv called twice (it gets no norm: a shared norm would mix the calls' statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.pool = nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2)
+        self.a, self.b, self.twice = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = F.relu(self.b(F.relu(self.a(self.pool(F.relu(self.stem(x)))))))
+        x = F.relu(self.twice(F.relu(self.twice(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_batchnorm_policy_adds_a_norm_and_a_centered_shortcut():
+    model = binarize_model(NoNorm(), unnormalized="batchnorm")
+    report = model.binarization_report
+    assert report.added_norms == ["a", "b"] and report.real_shortcuts == ["a", "b"] and report.centered == ["a"]
+    assert report.rescaled == {"twice": "mean"} and not report.zero_initialized
+    assert isinstance(model.a_norm, nn.BatchNorm2d) and torch.all(model.a_norm.weight == ADDED_NORM_WEIGHT)
+    assert model.a_shortcut.centered and not model.b_shortcut.centered
+    assert set(model.state_dict()) - set(NoNorm().state_dict()) == {
+        f"{n}_norm.{k}" for n in "ab" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    } | {"a.input_mean"}
+    assert "BatchNorm2d added after" in " ".join(report.notes())
+    with pytest.warns(UserWarning, match="no binary conv of NoNorm has a normalization.*unnormalized='batchnorm'"):
+        default = binarize_model(NoNorm()).binarization_report
+    assert not default.added_norms and not default.real_shortcuts and set(default.rescaled) == {"a", "b", "twice"}
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 8, 8)
+    model.train()
+    model(x)  # running statistics
+    model.eval()
+    with torch.no_grad():  # the forward recomputed from the submodules, in float64 for the shortcuts
+        h = model.pool(F.hardtanh(model.stem(x)))
+        h = F.hardtanh(model.a_norm(model.a(h)).double() + reference_shortcut(h - model.a.input_mean.view(1, -1, 1, 1), 16, 1))
+        h = F.hardtanh(model.b_norm(model.b(h.float())).double() + reference_shortcut(h, 16, 1)).float()
+        h = F.hardtanh(model.twice(F.hardtanh(model.twice(h))))  # every F.relu of the forward was replaced
+        want = model.fc(h.mean((2, 3)))
+        got = model(x)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert not torch.allclose(got, model(torch.randn(6, 3, 8, 8)), atol=1e-3)  # depends on the input
+        packed = pack_model(model)
+        assert torch.allclose(packed(x), got, atol=1e-4)
+
+
+def test_centered_shortcuts_are_in_the_file_table(tmp_path):
+    model = binarize_model(NoNorm(), unnormalized="batchnorm")
+    model.train()
+    model(torch.randn(4, 3, 8, 8))
+    packed = pack_model(model)
+    save_packed(packed, tmp_path / "m.ovsw")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(load_packed(tmp_path / "m.ovsw", binarize_model(NoNorm(), unnormalized="batchnorm"))(x),
+                              packed(x), atol=1e-5)
+    target = binarize_model(NoNorm(), unnormalized="batchnorm")
+    target.a_shortcut.centered = False  # the same tensors, another function
+    with pytest.raises(ValueError, match="layer 'a_shortcut' is .*'centered': True.* in the file"):
+        load_packed(tmp_path / "m.ovsw", target)
+    with pytest.warns(UserWarning, match="unnormalized='batchnorm'"):
+        plain = binarize_model(NoNorm())
+    with pytest.raises(ValueError, match="layer 'a_shortcut' is .* in the file, absent from the model.*unnormalized"):
+        load_packed(tmp_path / "m.ovsw", plain)
