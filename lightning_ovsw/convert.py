@@ -554,9 +554,9 @@ def binarize_model(
         report.zero_initialized = _zero_init_untrained(modules, residual_norms + list(shortcut_norms.values()))
     model = _handle_activations(model, selected, activation, report, graph, trace_error)
     swaps = {}
+    scale = "mean" if unnormalized == "batchnorm" else unnormalized  # for the layers left unnormalized
     for name, module in selected.items():
         cls = BinaryConv2d if isinstance(module, nn.Conv2d) else BinaryLinear
-        scale = "mean" if unnormalized == "batchnorm" else unnormalized
         swaps[id(module)] = cls.from_float(module, replace(options, scale=scale) if name in not_normalized else options)
         report.binarized.append(name)
         if name in not_normalized:
