@@ -116,6 +116,7 @@ void packed_conv2d(const uint32_t* x, const uint32_t* w, const Conv2d& g, const 
     e.pattern_base = border->pattern_base.data();
     e.pattern_corr = border->pattern_corr.data();
   }
+  if (detail::direct_conv_avx512(x, w, g, e, prepared)) return;
   if (taps == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0) {
     detail::run_gemm(x, cw, w, kw, m, cout, kw, e, prepared);  // 1x1 stride 1: the input is the GEMM operand
     return;

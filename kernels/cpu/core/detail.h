@@ -111,6 +111,11 @@ struct TileEpilogue {
   }
 };
 
+// Weights [n, kw] words in panels of P channels, [panels][k64][P] uint64 (k64 = ceil(kw / 2), a 64-bit
+// word of P channels at a time; channels past n and the high half of an odd last word 0): the layout of
+// the kernels that keep output channels in vector lanes (x86: Avx512, Avx2).
+AlignedWords pack_panels(const u32* b, int64_t ldb, int64_t n, int64_t kw, int64_t P);
+
 // The tile epilogue of epi for n output channels and base, with the row store for the current ISA.
 TileEpilogue make_epilogue(const Epilogue& epi, int64_t n, int64_t base);
 
@@ -118,6 +123,12 @@ TileEpilogue make_epilogue(const Epilogue& epi, int64_t n, int64_t base);
 // the panels of prepared (b's, or null) when they are this ISA's.
 void run_gemm(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m, int64_t n, int64_t kw,
               const TileEpilogue& epi, const PreparedWeights* prepared);
+
+// The direct AVX-512 convolution (conv_avx512.cpp: tap words read in place, the epilogue on the
+// accumulators in registers). Runs and returns true when the AVX-512 kernels are current, ceil(C / 32) is
+// even and the output is int32, float32 or sign bits; else returns false and the caller runs im2col + GEMM.
+bool direct_conv_avx512(const u32* x, const u32* w, const Conv2d& g, const TileEpilogue& e,
+                        const PreparedWeights* prepared);
 
 }  // namespace ovsw::core::detail
 

@@ -57,11 +57,9 @@ void gemm(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m, int64
   });
 }
 
-// Weights in panels of PANEL channels, [k64][PANEL] uint64, for kernels that keep output channels in vector
-// lanes (x86: K = Avx512 or Avx2): the words a panel GEMM over [n, kw] weights needs, and the packing.
-template <class K>
-AlignedWords pack_panels(const u32* b, int64_t ldb, int64_t n, int64_t kw) {
-  constexpr int64_t P = K::PANEL;
+}  // namespace
+
+AlignedWords pack_panels(const u32* b, int64_t ldb, int64_t n, int64_t kw, int64_t P) {
   const int64_t k64 = (kw + 1) / 2, panels = (n + P - 1) / P;
   AlignedWords packed(panels * k64 * P);
   u64* bt = packed.data();
@@ -82,6 +80,8 @@ AlignedWords pack_panels(const u32* b, int64_t ldb, int64_t n, int64_t kw) {
   return packed;
 }
 
+namespace {
+
 // The panel GEMM, on bt = the weights' panels (prepared once, or packed here per call when null).
 template <class K>
 void gemm_panels(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m, int64_t n, int64_t kw,
@@ -89,7 +89,7 @@ void gemm_panels(const u32* a, int64_t lda, const u32* b, int64_t ldb, int64_t m
   constexpr int64_t P = K::PANEL;
   const int64_t k64 = (kw + 1) / 2;
   std::optional<AlignedWords> packed;
-  if (!bt) bt = packed.emplace(pack_panels<K>(b, ldb, n, kw)).data();
+  if (!bt) bt = packed.emplace(pack_panels(b, ldb, n, kw, P)).data();
   const int64_t block_m = balanced_block(m, K::MR);
   const int64_t tiles_m = (m + block_m - 1) / block_m, tiles_n = (n + BLOCK_N - 1) / BLOCK_N;
   parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
@@ -173,10 +173,10 @@ std::shared_ptr<const PreparedWeights> prepare_weights(const uint32_t* w, int64_
   [[maybe_unused]] const int64_t kw = taps * cw;
   switch (p->isa) {
 #if defined(OVSW_HAVE_AVX512)
-    case kAvx512: p->panels.emplace(detail::pack_panels<detail::Avx512>(w, kw, n, kw)); break;
+    case kAvx512: p->panels.emplace(detail::pack_panels(w, kw, n, kw, detail::Avx512::PANEL)); break;
 #endif
 #if defined(__x86_64__)
-    case kAvx2: p->panels.emplace(detail::pack_panels<detail::Avx2>(w, kw, n, kw)); break;
+    case kAvx2: p->panels.emplace(detail::pack_panels(w, kw, n, kw, detail::Avx2::PANEL)); break;
 #endif
     default: break;  // the GEMM kernels read the words as they are
   }

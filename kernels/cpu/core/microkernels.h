@@ -50,30 +50,42 @@ struct Portable {
 // 64-bit word is broadcast and XOR-popcounted against 4 zmm of channels, for 6 rows x 32 channels at once.
 struct Avx512 {
   static constexpr int MR = 6, PANEL = 32;
+  // One k step: word q of each row row[i] (64 bits; with LAST on an odd count, the last 32-bit word, high
+  // half 0 as in the panel) broadcast from memory against the panel's 4 vectors of channels at bp.
+  template <int R, bool LAST = false>
+  OVSW_AVX512 __attribute__((always_inline)) static inline void step(__m512i (&acc)[R][4], const u32* const* row,
+                                                                      const u64* bp, int64_t q) {
+    __m512i bv[4];
+    for (int j = 0; j < 4; ++j) bv[j] = _mm512_load_si512(bp + 8 * j);
+    for (int i = 0; i < R; ++i) {
+      long long word;
+      if constexpr (LAST) {
+        word = row[i][2 * q];
+      } else {
+        std::memcpy(&word, row[i] + 2 * q, 8);
+      }
+      const __m512i av = _mm512_set1_epi64(word);
+      for (int j = 0; j < 4; ++j)
+        acc[i][j] = _mm512_add_epi64(acc[i][j], _mm512_popcnt_epi64(_mm512_xor_si512(av, bv[j])));
+    }
+  }
+
+  template <int R>
+  OVSW_AVX512 __attribute__((always_inline)) static inline void zero(__m512i (&acc)[R][4]) {
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+  }
+
   template <int R>
   OVSW_AVX512 static void tile(const u32* a, int64_t lda, const u64* panel, int64_t kw, int32_t* out,
                                int64_t ldo) {
     __m512i acc[R][4];
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+    zero(acc);
+    const u32* row[R];
+    for (int i = 0; i < R; ++i) row[i] = a + i * lda;
     const int64_t full = kw / 2;
-    for (int64_t q = 0; q <= full; ++q) {
-      if (q == full && !(kw & 1)) break;
-      const u64* bp = panel + q * PANEL;
-      __m512i bv[4];
-      for (int j = 0; j < 4; ++j) bv[j] = _mm512_load_si512(bp + 8 * j);
-      for (int i = 0; i < R; ++i) {
-        u64 word;
-        if (q < full) {
-          std::memcpy(&word, a + i * lda + 2 * q, 8);
-        } else {
-          word = a[i * lda + 2 * q];  // odd word count: the last 32-bit word, high half 0 as in the panel
-        }
-        const __m512i av = _mm512_set1_epi64(static_cast<long long>(word));
-        for (int j = 0; j < 4; ++j)
-          acc[i][j] = _mm512_add_epi64(acc[i][j], _mm512_popcnt_epi64(_mm512_xor_si512(av, bv[j])));
-      }
-    }
+    for (int64_t q = 0; q < full; ++q) step<R>(acc, row, panel + q * PANEL, q);
+    if (kw & 1) step<R, true>(acc, row, panel + full * PANEL, full);
     for (int i = 0; i < R; ++i)
       for (int j = 0; j < 4; ++j)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ldo + 8 * j), _mm512_cvtepi64_epi32(acc[i][j]));

@@ -271,7 +271,7 @@ Spec random_spec(Rng& r, bool allow_sign) {
 }
 
 // The epilogue operands: scale of a random magnitude (half subnormals, overflow to inf, plain), some
-// negative, bias and residual normal.
+// negative, bias normal, residual normal with a few -0, NaN and +-inf (a diverged network's values).
 void random_operands(Rng& r, const Spec& s, int64_t rows, int64_t n, std::vector<float>& scale,
                      std::vector<float>& bias, std::vector<float>& res) {
   const float mag = r.pick({1.0f, 1.0f, 1e-6f, 300.0f, 0.01f});
@@ -280,7 +280,7 @@ void random_operands(Rng& r, const Spec& s, int64_t rows, int64_t n, std::vector
   bias.resize(s.bias ? n : 0);
   for (auto& v : bias) v = r.coin(0.1) ? 0.0f : r.normal() * (mag > 1 ? 100.0f : 1.0f);
   res.resize(s.residual ? rows * n : 0);
-  for (auto& v : res) v = r.coin(0.05) ? -0.0f : r.normal();
+  for (auto& v : res) v = r.coin(0.05) ? -0.0f : r.coin(0.01) ? r.pick({NAN, INFINITY, -INFINITY}) : r.normal();
 }
 
 // Run one epilogue case through the core (run(epi)) and compare with the reference accumulators.
