@@ -4,7 +4,9 @@ Measured in one run on the same cores, at 1 and 2 threads: the packed model (``p
 program after ``torch.export`` round trip, its fp32 float twin (the same architecture with every binary
 layer swapped back to ``nn.Conv2d`` / ``nn.Linear``) and torchvision's fp32 ResNet-18, all channels_last.
 Also per-layer time shares and GEMM rates of the packed model (forward hooks), each as a share of this
-CPU's XNOR-popcount instruction limit (``popcount_peak.py``), the model file sizes, the packed model on an
+CPU's XNOR-popcount instruction limit (``popcount_peak.py``); every packed conv op alone (profiler) on each
+thread count, next to OpenVINO's BinaryConvolution + FakeQuantize time for the same layer, and what the
+whole model would take with every binary conv at that peak; the model file sizes, the packed model on an
 NCHW-contiguous input (what transforms produce), and the binary models again while a spinning process keeps
 one core busy (``--no-busy`` skips that).
 With ``openvino`` installed (``pip install -e '.[bench]'``), the baseline a user would otherwise run joins
@@ -170,11 +172,53 @@ def layer_profile(model: nn.Module, x: torch.Tensor, repeats: int) -> list[dict]
         if isinstance(m, PackedConv2d):
             n, _, ho, wo = shapes[r["layer"]]
             ops = 2 * n * ho * wo * m.out_channels * m.kernel_size[0] * m.kernel_size[1] * m.in_channels
+            r["binary_ops"] = ops
             r["binary_gops"] = ops / (r["ms"] * 1e6)
             r["shape"] = f"{m.in_channels}->{m.out_channels} k{m.kernel_size[0]} s{m.stride[0]} out {ho}x{wo}"
         elif isinstance(m, PackedLinear):
             r["binary_gops"] = 2 * m.in_features * m.out_features * x.shape[0] / (r["ms"] * 1e6)
     return rows
+
+
+def packed_conv_times(model: nn.Module, x: torch.Tensor, repeats: int) -> list[dict[str, float]]:
+    """Per packed conv op of one forward, in call order: median and minimum ms of the op alone
+    (``torch.profiler``, the kernels' own ``ovsw_cpu::`` ranges), without the module-call and hook overhead
+    that ``layer_profile``'s forward hooks include."""
+    with torch.inference_mode():
+        model(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                model(x)
+    events = [e for e in prof.events() if e.name.startswith("ovsw_cpu::packed_conv2d")]
+    per = len(events) // repeats
+    return [{"median": statistics.median(events[r * per + i].cpu_time_total for r in range(repeats)) / 1e3,
+             "min": min(events[r * per + i].cpu_time_total for r in range(repeats)) / 1e3} for i in range(per)]
+
+
+def conv_comparison(layers: list[dict], ours: list[dict], theirs: list[dict] | None, peak: dict | None) -> list[dict]:
+    """One row per packed conv (order of ``layer_profile``, which is call order): our op time, OpenVINO's
+    BinaryConvolution + FakeQuantize time, and our rate as a share of the popcount peak on these threads."""
+    convs = [r for r in layers if "shape" in r]
+    rows = []
+    for i, (r, t) in enumerate(zip(convs, ours, strict=True)):
+        row = {"layer": r["layer"], "shape": r["shape"], "binary_ops": r["binary_ops"], "ours_ms": t}
+        row["ours_binary_gops"] = r["binary_ops"] / (t["min"] * 1e6)
+        if peak:
+            row["ours_share_of_peak"] = row["ours_binary_gops"] / peak["binary_gops"]
+        if theirs:
+            row["openvino_ms"] = theirs[i]
+            row["openvino_over_ours"] = {k: theirs[i][k] / t[k] for k in ("median", "min")}
+        rows.append(row)
+    return rows
+
+
+def peak_bound_ms(packed_ms: dict, rows: list[dict], peak: dict | None) -> dict | None:
+    """The packed model's latency if every binary conv ran at the popcount peak and nothing else changed:
+    its measured time minus the convs' op times plus their binary ops / peak (median and minimum)."""
+    if not peak:
+        return None
+    at_peak = sum(r["binary_ops"] for r in rows) / (peak["binary_gops"] * 1e6)
+    return {k: packed_ms[k] - sum(r["ours_ms"][k] for r in rows) + at_peak for k in ("median", "min")}
 
 
 def openvino_setup(model: nn.Module, packed: nn.Module, twin: nn.Module, x: torch.Tensor) -> dict:
@@ -266,6 +310,13 @@ def main() -> None:
             openvino_runners[threads] = {k: ovb.runner(ovb.compile_cpu(m, threads)) for k, m in openvino["models"].items()}
             fns |= openvino_runners[threads]
         latency[threads] = latencies_ms(fns, x, args.repeats)
+    conv_ms, openvino_conv_ms = {}, {}
+    for threads in args.threads:  # per-conv times, ours and OpenVINO's, on each thread count
+        torch.set_num_threads(threads)
+        conv_ms[threads] = packed_conv_times(packed, x, max(5, args.repeats // 3))
+        if openvino is not None:
+            compiled = ovb.compile_cpu(openvino["models"]["openvino_binary"], threads, profiling=True)
+            openvino_conv_ms[threads] = ovb.binary_conv_times(compiled, x, max(5, args.repeats // 3))
     busy = {}
     if args.busy:
         with spinning_process():
@@ -277,10 +328,13 @@ def main() -> None:
                 busy[threads] = latencies_ms(fns, x, args.repeats)
     torch.set_num_threads(max(args.threads))
     layers = layer_profile(packed, x, max(5, args.repeats // 3))
-    peak = popcount_peak.measure(max(args.threads))  # the XNOR-popcount instruction limit on these threads
+    peaks = {t: popcount_peak.measure(t) for t in args.threads}  # the XNOR-popcount instruction limit
+    peak = peaks[max(args.threads)]
     for r in layers:
         if peak and "binary_gops" in r:
             r["share_of_popcount_peak"] = r["binary_gops"] / peak["binary_gops"]
+    convs = {t: conv_comparison(layers, conv_ms[t], openvino_conv_ms.get(t), peaks[t]) for t in args.threads}
+    bounds = {t: peak_bound_ms(latency[t]["packed"], convs[t], peaks[t]) for t in args.threads}
     if openvino is not None:
         openvino["layer_types_ms"] = {
             k: ovb.profile_by_type(ovb.compile_cpu(m, max(args.threads), profiling=True), x, max(5, args.repeats // 3))
@@ -328,6 +382,21 @@ def main() -> None:
             of_peak = f" {r['share_of_popcount_peak']:6.1%} of peak" if peak else ""
             print(f"  {r['layer']:<24} {r['shape']:<30} {r['ms']:7.3f} ms {r['share']:6.1%} "
                   f"{r['binary_gops']:8.1f} binary GOP/s{of_peak}")
+    for t, rows in convs.items():
+        print(f"packed conv ops alone ({t} thread(s), profiler), median (min) ms"
+              + (", against OpenVINO's BinaryConvolution + FakeQuantize" if openvino else "") + ":")
+        for r in rows:
+            line = (f"  {r['layer']:<18} {r['shape']:<28} {r['ours_ms']['median']:6.3f} ({r['ours_ms']['min']:6.3f})"
+                    + (f" {r['ours_share_of_peak']:5.0%} of peak" if peak else ""))
+            if "openvino_ms" in r:
+                line += (f" | OpenVINO {r['openvino_ms']['median']:6.3f} ({r['openvino_ms']['min']:6.3f}): ours "
+                         f"{r['openvino_over_ours']['median']:.2f}x ({r['openvino_over_ours']['min']:.2f}x) faster")
+            print(line)
+        if bounds[t]:
+            ov_ms = latency[t].get("openvino_binary")
+            print(f"  bound: with every binary conv at the popcount peak the packed model would take "
+                  f"{bounds[t]['median']:.2f} ({bounds[t]['min']:.2f}) ms"
+                  + (f", against OpenVINO's {ov_ms['median']:.2f} ({ov_ms['min']:.2f}) ms" if ov_ms else ""))
     for k, types in (openvino or {}).get("layer_types_ms", {}).items():
         print(f"{k} time by layer type (PERF_COUNT, {max(args.threads)} thread(s)): "
               + ", ".join(f"{t} {ms:.2f} ms" for t, ms in types.items()))
@@ -358,6 +427,9 @@ def main() -> None:
         "sizes": sizes,
         "layers": layers,
         "popcount_peak": peak,
+        "popcount_peak_by_threads": {str(t): p for t, p in peaks.items()},
+        "packed_convs": {str(t): rows for t, rows in convs.items()},
+        "packed_ms_if_convs_at_popcount_peak": {str(t): b for t, b in bounds.items()},
         "openvino": openvino or "skipped: openvino not installed (pip install -e '.[bench]')",
     }
     RESULTS.mkdir(exist_ok=True)

@@ -271,3 +271,29 @@ def profile_by_type(compiled: ov.CompiledModel, x: torch.Tensor, repeats: int) -
         for k, v in per_type.items():
             runs[k].append(v)
     return {k: statistics.median(v) for k, v in sorted(runs.items(), key=lambda kv: -statistics.median(kv[1]))}
+
+
+def binary_conv_times(compiled: ov.CompiledModel, x: torch.Tensor, repeats: int) -> list[dict[str, float]]:
+    """Per BinaryConvolution node in execution order: median and minimum ms of the conv plus the
+    FakeQuantize that binarizes its input (the last one executed before it), over ``repeats`` runs
+    (``compiled`` needs ``profiling=True``). Our packed conv does both: its epilogue writes the next layer's
+    sign bits."""
+    request = compiled.create_infer_request()
+    data = np.ascontiguousarray(x.numpy())
+    runs: list[list[float]] = []
+    for _ in range(repeats):
+        request.infer([data])
+        per_conv, pending = [], 0.0
+        for info in request.get_profiling_info():
+            if info.status != ov.ProfilingInfo.Status.EXECUTED:
+                continue
+            ms = info.real_time.total_seconds() * 1e3
+            if info.node_type == "FakeQuantize":
+                pending = ms
+            elif info.node_type == "BinaryConvolution":
+                per_conv.append(ms + pending)
+                pending = 0.0
+        runs.append(per_conv)
+    return [{"median": statistics.median(r[i] for r in runs), "min": min(r[i] for r in runs)}
+            for i in range(len(runs[0]))]
+
