@@ -41,7 +41,7 @@ from pathlib import Path
 import popcount_peak
 import torch
 import torchvision
-from _machine import cpu_name
+from _machine import cpu_name, cpu_times, steal_share
 from torch import nn
 from torch.fx.experimental import optimization as fx_optimization
 
@@ -262,7 +262,7 @@ def main() -> None:
                              "core busy (what a shared machine does to the 2-thread latency)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    load_start = os.getloadavg()[0]
+    load_start, times_start = os.getloadavg()[0], cpu_times()
 
     model, arch = binary_model(args.arch)
     model = calibrate(model)
@@ -401,8 +401,11 @@ def main() -> None:
         print(f"{k} time by layer type (PERF_COUNT, {max(args.threads)} thread(s)): "
               + ", ".join(f"{t} {ms:.2f} ms" for t, ms in types.items()))
     print("sizes (bytes): " + json.dumps(sizes))
+    steal = steal_share(times_start, cpu_times())
     print(f"1-min load average at start / end: {load_start:.2f} / {os.getloadavg()[0]:.2f} "
-          "(above ~0.5 other processes share the cores: the 2-thread numbers suffer most)")
+          "(above ~0.5 other processes share the cores: the 2-thread numbers suffer most)"
+          + (f"; CPU time stolen by other guests of the hypervisor during the run: {steal:.1%}" if steal is not None
+             else ""))
 
     now = datetime.datetime.now(datetime.timezone.utc)
     result = {
@@ -411,6 +414,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": {"cpu": cpu_name(), "machine": platform.machine(), "logical_cpus": os.cpu_count()},
         "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},  # other processes on the cores
+        "cpu_steal_share": steal,  # other virtual machines on the cores (/proc/stat steal), None if unknown
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "lightning_ovsw": lightning_ovsw.__version__,

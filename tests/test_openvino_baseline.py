@@ -93,3 +93,26 @@ def test_float_network_equals_torch():
     out = ob.runner(ob.compile_cpu(ob.to_openvino(model, x.shape), 1))(x)
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_per_conv_times_pair_openvino_with_ours_in_call_order():
+    """The benchmark's per-layer table: one OpenVINO BinaryConvolution (+ its input FakeQuantize) time per
+    packed conv, in the same order, and the at-peak bound moves exactly by the conv time it replaces."""
+    from lightning_ovsw.packing import pack_model
+
+    model = cpu_inference.calibrate(TinyNet())
+    packed = pack_model(model)
+    x = torch.randn(1, 3, 32, 32).to(memory_format=torch.channels_last)
+    compiled = ob.compile_cpu(ob.to_openvino(model, x.shape), 1, profiling=True)
+    theirs = ob.binary_conv_times(compiled, x, 3)
+    ours = cpu_inference.packed_conv_times(packed, x, 3)
+    layers = cpu_inference.layer_profile(packed, x, 3)
+    convs = [r["layer"] for r in layers if "shape" in r]
+    assert convs == [n for n, m in model.named_modules() if isinstance(m, BinaryConv2d)]
+    assert len(theirs) == len(ours) == len(convs) == 4
+    assert all(t["min"] > 0 and t["median"] >= t["min"] for t in theirs + ours)
+    rows = cpu_inference.conv_comparison(layers, ours, theirs, {"binary_gops": 1000.0})
+    assert [r["layer"] for r in rows] == convs
+    bound = cpu_inference.peak_bound_ms({"median": 10.0, "min": 9.0}, rows, {"binary_gops": 1000.0})
+    at_peak = sum(r["binary_ops"] for r in rows) / 1e9
+    assert bound["min"] == pytest.approx(9.0 - sum(r["ours_ms"]["min"] for r in rows) + at_peak)
