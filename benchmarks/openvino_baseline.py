@@ -296,4 +296,3 @@ def binary_conv_times(compiled: ov.CompiledModel, x: torch.Tensor, repeats: int)
         runs.append(per_conv)
     return [{"median": statistics.median(r[i] for r in runs), "min": min(r[i] for r in runs)}
             for i in range(len(runs[0]))]
-

@@ -103,6 +103,9 @@ OVSW_AVX512 void conv_tiles(const TileEpilogue& e, const u32* const* corner, con
 using ConvTilesFn = void (*)(const TileEpilogue&, const u32* const*, const int64_t*, int64_t, int64_t, const u64*,
                              int64_t, int64_t, int64_t);
 
+constexpr ConvTilesFn kConvTiles[MR] = {conv_tiles<1>, conv_tiles<2>, conv_tiles<3>,
+                                        conv_tiles<4>, conv_tiles<5>, conv_tiles<6>};
+
 // x [batch, height, width, cw] in a zero frame of pad rows / columns on each side (x itself without padding).
 const u32* padded_input(const u32* x, const Conv2d& g, int64_t cw, std::vector<u32>& buf) {
   if (g.pad_h == 0 && g.pad_w == 0) return x;
@@ -114,8 +117,6 @@ const u32* padded_input(const u32* x, const Conv2d& g, int64_t cw, std::vector<u
                   row * sizeof(u32));
   return buf.data();
 }
-constexpr ConvTilesFn kConvTiles[MR] = {conv_tiles<1>, conv_tiles<2>, conv_tiles<3>,
-                                        conv_tiles<4>, conv_tiles<5>, conv_tiles<6>};
 
 }  // namespace
 
@@ -127,8 +128,8 @@ bool direct_conv_avx512(const u32* x, const u32* w, const Conv2d& g, const TileE
   const int64_t ho = g.out_h(), wo = g.out_w(), m = g.batch * ho * wo, n = g.out_channels;
   const int64_t kh = g.kernel_h, kwid = g.kernel_w, taps = kh * kwid;
   std::optional<AlignedWords> packed;
-  const u64* panels = prepared && prepared->isa == kAvx512 && prepared->panels ? prepared->panels->data()
-                                                                               : packed.emplace(pack_panels(w, taps * cw, n, taps * cw, P)).data();
+  const bool ready = prepared && prepared->isa == kAvx512 && prepared->panels;
+  const u64* panels = ready ? prepared->panels->data() : packed.emplace(pack_panels(w, taps * cw, n, taps * cw, P)).data();
   std::vector<u32> frame;
   const u32* xp = padded_input(x, g, cw, frame);
   const int64_t hp = g.height + 2 * g.pad_h, wp = g.width + 2 * g.pad_w;
