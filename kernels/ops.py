@@ -12,6 +12,9 @@ Importing this module registers, through ``torch.library``:
 - ``ovsw::packed_conv2d_act(..., min_val, max_val, out_dtype) -> (y, y_bits)``: ``y = hardtanh(packed_conv2d
   (...))`` in ``out_dtype`` (float32 if None) and its packed sign bits, from one epilogue on CPU (a block
   output that feeds both a float shortcut and the next binary conv);
+- ``ovsw::max_pool2d_act(x, kernel_size, stride, padding, dilation, ceil_mode, min_val, max_val) -> (y,
+  y_bits)``: ``y = hardtanh(max_pool2d(x))`` and its packed NHWC sign bits, in one pass on CPU (a ResNet
+  stem's pool, activation and the first binary conv's sign-and-pack);
 
 each with a fake (meta) kernel, so ``torch.compile`` and ``torch.export`` trace them and an exported
 program runs in any process that imports ``lightning_ovsw.kernels.ops``. Dispatch: CPU tensors run the C++
@@ -36,7 +39,8 @@ from torch import Tensor
 from . import cpu, reference
 from .reference import conv_output_size, num_words
 
-__all__ = ["packed_conv2d", "packed_conv2d_act", "packed_conv2d_sign", "packed_linear", "sign_pack", "sign_pack_nchw"]
+__all__ = ["max_pool2d_act", "packed_conv2d", "packed_conv2d_act", "packed_conv2d_sign", "packed_linear", "sign_pack",
+           "sign_pack_nchw"]
 
 _LIB = torch.library.Library("ovsw", "DEF")
 _LIB.define("sign_pack(Tensor x) -> Tensor")
@@ -61,6 +65,10 @@ _LIB.define(
     "int[2] padding=[0, 0], int[2] dilation=[1, 1], int pad_value=0, Tensor? scale=None, "
     "Tensor? bias=None, Tensor? residual=None, float min_val=-1., float max_val=1., "
     "ScalarType? out_dtype=None) -> (Tensor, Tensor)"
+)
+_LIB.define(
+    "max_pool2d_act(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding=[0, 0], int[2] dilation=[1, 1], "
+    "bool ceil_mode=False, float min_val=-1., float max_val=1.) -> (Tensor, Tensor)"
 )
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -295,16 +303,61 @@ def _conv_act_reference(x_bits, w_bits, in_channels, stride=(1, 1), padding=(0, 
                                        out_dtype)
 
 
-def _conv_act_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias, residual,
-                    min_val, max_val, out_dtype) -> tuple[int, ...]:
-    """Validate ``packed_conv2d_act``'s arguments; return the NHWC output shape."""
+def _check_bounds(min_val: float, max_val: float) -> None:
     for name, v in (("min_val", min_val), ("max_val", max_val)):
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             raise TypeError(f"{name} must be a float, got {v!r}")
     if min_val > max_val:
         raise ValueError(f"min_val must be <= max_val (the hardtanh range), got {min_val:g} > {max_val:g}")
+
+
+def _conv_act_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias, residual,
+                    min_val, max_val, out_dtype) -> tuple[int, ...]:
+    """Validate ``packed_conv2d_act``'s arguments; return the NHWC output shape."""
+    _check_bounds(min_val, max_val)
     return conv_shape(x_bits, w_bits, in_channels, stride, padding, dilation, pad_value, scale, bias, residual,
                        out_dtype or torch.float32)
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
+    """torch's ``max_pool2d`` output size (``ceil_mode``: one more, partial window if it starts inside the
+    input or its left padding)."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    if span < 0:
+        return 0
+    out = span // stride + 1
+    return out - 1 if ceil_mode and (out - 1) * stride >= size + padding else out
+
+
+def pool_shape(x, kernel_size, stride, padding, dilation, ceil_mode, min_val, max_val) -> tuple[int, ...]:
+    """Validate ``max_pool2d_act``'s arguments; return the (NCHW) output shape."""
+    _check_float(x, "x")
+    if x.dim() != 4 or 0 in x.shape[1:]:
+        raise ValueError(f"x must be NCHW [N, C, H, W] with C, H, W > 0, got shape {list(x.shape)}")
+    (kh, kw), (sh, sw) = pair(kernel_size, "kernel_size", 1), pair(stride, "stride", 1)
+    (ph, pw), (dh, dw) = pair(padding, "padding", 0), pair(dilation, "dilation", 1)
+    if ph > kh // 2 or pw > kw // 2:
+        raise ValueError(f"padding must be at most half the kernel size (as in max_pool2d), got padding "
+                         f"{[ph, pw]} for kernel_size {[kh, kw]}")
+    _check_bounds(min_val, max_val)
+    n, c, h, w = x.shape
+    ho, wo = pool_output_size(h, kh, sh, ph, dh, ceil_mode), pool_output_size(w, kw, sw, pw, dw, ceil_mode)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"the {kh}x{kw} window (dilation {[dh, dw]}) does not fit the {h}x{w} input padded "
+                         f"by {[ph, pw]}")
+    return (n, c, ho, wo)
+
+
+def _max_pool2d_act_reference(x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False,
+                              min_val=-1.0, max_val=1.0):
+    y = _pool_hardtanh(x, kernel_size, stride, padding, dilation, ceil_mode, min_val, max_val)
+    return y, _sign_pack_nchw_reference(y)
+
+
+def _pool_hardtanh(x, kernel_size, stride, padding, dilation, ceil_mode, min_val, max_val) -> Tensor:
+    pooled = torch.nn.functional.max_pool2d(x, tuple(kernel_size), tuple(stride), tuple(padding),
+                                            tuple(dilation), ceil_mode)
+    return torch.nn.functional.hardtanh(pooled, min_val, max_val)
 
 
 def _in_dtype(out_dtype: torch.dtype | None, run: Callable[[torch.dtype | None], Tensor]) -> Tensor:
@@ -330,6 +383,12 @@ def _conv_sign_triton(tri, x, w, c, s, p, d, pad_value, scale, bias, residual):
     return tri.triton_sign_pack(y)
 
 
+def _max_pool2d_act_triton(tri, x, *pool):
+    """torch's own max_pool2d and hardtanh on the GPU, then the Triton sign-and-pack."""
+    y = _pool_hardtanh(x, *pool)
+    return y, tri.triton_sign_pack_nchw(y)
+
+
 def _conv_act_triton(tri, x, w, c, s, p, d, pad_value, scale, bias, residual, min_val, max_val, out_dtype):
     y = _conv_triton(tri, x, w, c, s, p, d, pad_value, scale, bias, residual, out_dtype or torch.float32)
     y = torch.nn.functional.hardtanh(y, min_val, max_val)
@@ -344,6 +403,7 @@ _IMPLS = {
     "packed_conv2d": (_conv_reference, _conv_triton, conv_shape),
     "packed_conv2d_sign": (_conv_sign_reference, _conv_sign_triton, _conv_sign_shape),
     "packed_conv2d_act": (_conv_act_reference, _conv_act_triton, _conv_act_shape),
+    "max_pool2d_act": (_max_pool2d_act_reference, _max_pool2d_act_triton, pool_shape),
 }
 for _name, (_reference_fn, _cuda_fn, _check) in _IMPLS.items():
     _impl(_name, _reference_fn, _cuda_fn, _check)
@@ -397,6 +457,14 @@ def _packed_conv2d_act_fake(x_bits, w_bits, in_channels, stride=(1, 1), padding=
                                       bias, residual, min_val, max_val, out_dtype)
     y = x_bits.new_empty((n, ho, wo, cout), dtype=out_dtype or torch.float32)
     return y, x_bits.new_empty((n, ho, wo, num_words(cout)), dtype=torch.int32)
+
+
+@torch.library.register_fake("ovsw::max_pool2d_act", lib=_LIB)
+def _max_pool2d_act_fake(x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False, min_val=-1.0,
+                         max_val=1.0):
+    n, c, ho, wo = pool_shape(x, kernel_size, stride, padding, dilation, ceil_mode, min_val, max_val)
+    y = torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)  # torch's layout
+    return y, x.new_empty((n, ho, wo, num_words(c)), dtype=torch.int32)
 
 
 # ---------------------------------------------------------------------------------- python entry points
@@ -453,3 +521,16 @@ def packed_conv2d_act(x_bits: Tensor, w_bits: Tensor, in_channels: int, stride: 
         x_bits, w_bits, in_channels, list(pair(stride, "stride", 1)), list(pair(padding, "padding", 0)),
         list(pair(dilation, "dilation", 1)), pad_value, scale, bias, residual, float(min_val), float(max_val),
         out_dtype)
+
+
+def max_pool2d_act(x: Tensor, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
+                   padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, ceil_mode: bool = False,
+                   min_val: float = -1.0, max_val: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``y = hardtanh(max_pool2d(x, ...), min_val, max_val)`` (NCHW shape, ``x``'s dtype and memory format)
+    and ``y_bits = sign_pack_nchw(y)``, the next binary conv's packed input; one pass over the pooled output
+    for a channels-last float32 ``x`` on CPU. ``stride`` None means ``kernel_size``, as in ``max_pool2d``."""
+    kernel = pair(kernel_size, "kernel_size", 1)
+    return torch.ops.ovsw.max_pool2d_act(
+        x, list(kernel), list(kernel if stride is None else pair(stride, "stride", 1)),
+        list(pair(padding, "padding", 0)), list(pair(dilation, "dilation", 1)), bool(ceil_mode), float(min_val),
+        float(max_val))

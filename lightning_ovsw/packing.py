@@ -8,8 +8,10 @@ found on a ``torch.fx`` trace of the model (binary layers and BatchNorms kept as
 does not trace is packed without either, with one warning. A ``nn.Hardtanh`` that alone consumes a packed
 conv's output moves into its epilogue too (``ovsw::packed_conv2d_act``), which also emits the sign bits of
 the activation, so the packed convs that read it (e.g. the next conv of a ResNet block, whose float
-shortcut still needs the activation itself) do not sign-and-pack it again; and ``maxpool(hardtanh(x))``
-becomes the equal ``hardtanh(maxpool(x))`` (the clamp on 4x fewer values in a ResNet stem).
+shortcut still needs the activation itself) do not sign-and-pack it again. ``maxpool(hardtanh(x))`` and
+``hardtanh(maxpool(x))`` (equal: hardtanh is monotone) whose result a packed conv reads become one
+``ovsw::max_pool2d_act``, which pools, clamps and emits the sign bits for those convs in one pass (a ResNet
+stem); read by no packed conv, the pool just moves before the clamp (4x fewer values to clamp).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from lightning_ovsw.kernels.ops import pair  # the import registers torch.ops.ovsw
 from lightning_ovsw.layers import BinaryConv2d, BinaryLayer, BinaryLinear
 from lightning_ovsw.packed_layers import PackedConv2d, PackedLinear
 from lightning_ovsw.registry import binary_layers
@@ -104,7 +107,7 @@ def _fuse_epilogues(model: nn.Module, residual: bool, activation: bool) -> nn.Mo
                 fused += 1
                 break
     if activation:
-        fused += _pool_before_hardtanh(graph, modules) + _fuse_activations(graph, modules)
+        fused += _fuse_pool_activations(graph, modules) + _fuse_activations(graph, modules)
     return fx.GraphModule(model, graph, class_name=type(model).__name__) if fused else model
 
 
@@ -130,42 +133,77 @@ def _fuse_activations(graph: fx.Graph, modules: dict[str, nn.Module]) -> int:
         node.replace_all_uses_with(y)
         graph.erase_node(node)
         graph.erase_node(conv)
-        for user in list(y.users):
-            if (
-                user.op == "call_module" and isinstance(modules[user.target], PackedConv2d)
-                and not modules[user.target].centered and user.args[:1] == (y,) and "x_bits" not in user.kwargs
-            ):
-                user.kwargs = {**user.kwargs, "x_bits": y_bits}
-        if not y_bits.users:
-            graph.erase_node(y_bits)
+        _feed_bits(graph, modules, y, y_bits)
         fused += 1
     return fused
 
 
-def _pool_before_hardtanh(graph: fx.Graph, modules: dict[str, nn.Module]) -> int:
-    """``maxpool(hardtanh(x))`` -> ``hardtanh(maxpool(x))``: equal (hardtanh is monotone, so it commutes
-    with max), and the clamp runs on the pooled, smaller tensor (the ResNet stem). Returns the count."""
-    swapped = 0
-    for pool in list(graph.nodes):
-        if (
-            pool.op != "call_module" or type(modules[pool.target]) is not nn.MaxPool2d
-            or modules[pool.target].return_indices or len(pool.args) != 1 or pool.kwargs
-        ):
+def _bit_readers(modules: dict[str, nn.Module], y: fx.Node) -> list[fx.Node]:
+    """The packed convs that read ``y`` as their input and can take its sign bits in place of packing it."""
+    return [
+        user for user in y.users
+        if user.op == "call_module" and isinstance(modules[user.target], PackedConv2d)
+        and not modules[user.target].centered and user.args[:1] == (y,) and "x_bits" not in user.kwargs
+    ]
+
+
+def _feed_bits(graph: fx.Graph, modules: dict[str, nn.Module], y: fx.Node, y_bits: fx.Node) -> None:
+    """Give ``y_bits`` (the packed signs of ``y``) to the packed convs that read ``y``; drop it if none does."""
+    for user in _bit_readers(modules, y):
+        user.kwargs = {**user.kwargs, "x_bits": y_bits}
+    if not y_bits.users:
+        graph.erase_node(y_bits)
+
+
+def _is_module(node: object, modules: dict[str, nn.Module], kind: type) -> bool:
+    """``node`` calls a ``kind`` module (exactly) on one positional argument."""
+    return (isinstance(node, fx.Node) and node.op == "call_module" and type(modules[node.target]) is kind
+            and len(node.args) == 1 and not node.kwargs)
+
+
+def _fuse_pool_activations(graph: fx.Graph, modules: dict[str, nn.Module]) -> int:
+    """``maxpool(hardtanh(x))`` or ``hardtanh(maxpool(x))`` -> ``ovsw::max_pool2d_act(x)``, ``(y, y_bits)``,
+    its bits fed to the packed convs that read ``y`` (equal: hardtanh is monotone, so it commutes with max).
+    Where no packed conv reads the result, only ``maxpool(hardtanh(x))`` -> ``hardtanh(maxpool(x))``, the
+    clamp on the pooled, smaller tensor. Returns the number of rewrites."""
+    rewritten = 0
+    for last in list(graph.nodes):
+        if _is_module(last, modules, nn.MaxPool2d):
+            first, pool, act = last.args[0], last, last.args[0]
+            if not _is_module(first, modules, nn.Hardtanh):
+                continue
+        elif _is_module(last, modules, nn.Hardtanh):
+            first, pool, act = last.args[0], last.args[0], last
+            if not _is_module(first, modules, nn.MaxPool2d):
+                continue
+        else:
             continue
-        act = pool.args[0]
-        if not (
-            isinstance(act, fx.Node) and act.op == "call_module" and type(modules[act.target]) is nn.Hardtanh
-            and len(act.args) == 1 and not act.kwargs and len(act.users) == 1
-        ):
+        if len(first.users) != 1 or modules[pool.target].return_indices:
             continue
-        with graph.inserting_before(pool):
-            pooled = graph.call_module(pool.target, act.args)
-            clamped = graph.call_module(act.target, (pooled,))
-        pool.replace_all_uses_with(clamped)
-        graph.erase_node(pool)
-        graph.erase_node(act)
-        swapped += 1
-    return swapped
+        if not _bit_readers(modules, last):
+            if pool is last:  # swap: hardtanh(maxpool(x))
+                with graph.inserting_before(last):
+                    clamped = graph.call_module(act.target, (graph.call_module(pool.target, first.args),))
+                last.replace_all_uses_with(clamped)
+                graph.erase_node(last)
+                graph.erase_node(first)
+                rewritten += 1
+            continue
+        m, hardtanh = modules[pool.target], modules[act.target]
+        with graph.inserting_before(last):
+            geometry = [list(pair(v, name, low)) for v, name, low in (
+                (m.kernel_size, "kernel_size", 1), (m.stride, "stride", 1), (m.padding, "padding", 0),
+                (m.dilation, "dilation", 1))]
+            call = graph.call_function(torch.ops.ovsw.max_pool2d_act, (
+                first.args[0], *geometry, bool(m.ceil_mode), float(hardtanh.min_val), float(hardtanh.max_val)))
+            y = graph.call_function(operator.getitem, (call, 0))
+            y_bits = graph.call_function(operator.getitem, (call, 1))
+        last.replace_all_uses_with(y)
+        graph.erase_node(last)
+        graph.erase_node(first)
+        _feed_bits(graph, modules, y, y_bits)
+        rewritten += 1
+    return rewritten
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -178,6 +178,38 @@ def test_packed_conv2d_act_matches_reference(isa, c, cout, kernel, stride, pad_v
     assert_same(y, torch.nn.functional.hardtanh(unfused, *bounds))
 
 
+# ---------------------------------------------------------------------------------------- max_pool2d_act
+@HYP
+@given(c=st.sampled_from([1, 31, 32, 33, 64, 70]), h=st.integers(1, 13), w=st.integers(1, 13),
+       kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), pad=st.tuples(st.booleans(), st.booleans()),
+       ceil_mode=st.booleans(), bounds=st.sampled_from([(-1.0, 1.0), (-0.3, 0.7), (0.0, 6.0)]),
+       layout=st.sampled_from(["channels_last", "nchw", "bfloat16", "float64"]))
+def test_max_pool2d_act_matches_torch(isa, c, h, w, kernel, stride, dilation, pad, ceil_mode, bounds, layout):
+    """The fused pool (channels-last float32: the core's one pass; other layouts and dtypes: torch's
+    max_pool2d and clamp) against torch's max_pool2d + hardtanh + the reference sign-and-pack, NaN included."""
+    padding = tuple(k // 2 if p else 0 for k, p in zip(kernel, pad, strict=True))
+    assume(min(ops.pool_output_size(n, k, s, p, d, ceil_mode) for n, k, s, p, d in
+               zip((h, w), kernel, stride, padding, dilation, strict=True)) >= 1)
+    x = torch.where(torch.rand(2, c, h, w) < 0.02, float("nan"), signs(2, c, h, w))
+    x = {"channels_last": x.contiguous(memory_format=torch.channels_last), "nchw": x,
+         "bfloat16": x.to(torch.bfloat16), "float64": x.double()}[layout]
+    y, y_bits = ops.max_pool2d_act(x, kernel, stride, padding, dilation, ceil_mode, *bounds)
+    want = torch.nn.functional.hardtanh(
+        torch.nn.functional.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode), *bounds)
+    torch.testing.assert_close(y, want, rtol=0, atol=0, equal_nan=True)
+    assert y.stride() == want.stride()  # torch's memory format for that input
+    assert_same(y_bits, ref.sign_pack(want.permute(0, 2, 3, 1)))
+
+
+def test_max_pool2d_act_resnet_stem_threads(isa, threads):
+    x = signs(2, 64, 112, 112).contiguous(memory_format=torch.channels_last)
+    y, y_bits = ops.max_pool2d_act(x, 3, 2, 1)
+    want = torch.nn.functional.hardtanh(torch.nn.functional.max_pool2d(x, 3, 2, 1))
+    assert_same(y, want)
+    assert_same(y_bits, ref.sign_pack(want.permute(0, 2, 3, 1)))
+
+
 @pytest.mark.parametrize("pad_value", [0, 1])
 @pytest.mark.parametrize(("stride", "padding", "dilation"),
                          [((1, 2), (2, 1), (1, 1)), ((2, 1), (1, 2), (2, 1))])
@@ -248,6 +280,10 @@ def test_opcheck_fake_kernels(extension):
         (torch.ops.ovsw.packed_conv2d_act.default, (cx, cw, 40, [1, 1], [1, 1], [1, 1], 0, torch.rand(5),
                                                     torch.randn(5), torch.randn(1, 6, 6, 5), -1.0, 1.0,
                                                     torch.bfloat16)),
+        (torch.ops.ovsw.max_pool2d_act.default, (signs(2, 40, 7, 6), [3, 2], [2, 2], [1, 1], [1, 1], True,
+                                                 -0.5, 1.0)),
+        (torch.ops.ovsw.max_pool2d_act.default, (signs(1, 33, 9, 9).contiguous(memory_format=torch.channels_last),
+                                                 [3, 3], [2, 2], [1, 1], [1, 1], False, -1.0, 1.0)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
@@ -307,6 +343,7 @@ def _bad_calls():
     """(op, args, kwargs, exception type, message fragment): one wrong argument each."""
     x_bits, w_bits = ref.sign_pack(signs(4, 40)), ref.sign_pack(signs(3, 40))
     cx, cw = ref.sign_pack(signs(1, 5, 5, 40)), ref.sign_pack(signs(2, 3, 3, 40))
+    pool_x = signs(1, 8, 5, 5)
     return [
         ("packed_linear", (x_bits.float(), w_bits, 40), {}, TypeError, "int32"),
         ("packed_linear", (x_bits, w_bits, 70), {}, ValueError, "words per row"),
@@ -335,6 +372,14 @@ def _bad_calls():
         ("packed_conv2d_act", (cx, cw, 40), {"min_val": 1.0, "max_val": -1.0}, ValueError,
          "min_val must be <= max_val"),
         ("packed_conv2d_act", (cx, cw, 40), {"out_dtype": torch.int32}, ValueError, "out_dtype"),
+        ("max_pool2d_act", (pool_x.long(), 3, 2), {}, TypeError, "floating point"),
+        ("max_pool2d_act", (pool_x[0], 3, 2), {}, ValueError, "NCHW"),
+        ("max_pool2d_act", (pool_x, (3, 0), 1), {}, ValueError, "kernel_size"),
+        ("max_pool2d_act", (pool_x, 3, 0), {}, ValueError, "stride"),
+        ("max_pool2d_act", (pool_x, 3, 2, 2), {}, ValueError, "at most half the kernel size"),
+        ("max_pool2d_act", (pool_x, 3, 1, 0, (1, -1)), {}, ValueError, "dilation"),
+        ("max_pool2d_act", (pool_x, 7, 1), {}, ValueError, "does not fit"),
+        ("max_pool2d_act", (pool_x, 3, 2), {"min_val": 2.0}, ValueError, "min_val must be <= max_val"),
     ]
 
 
@@ -382,3 +427,8 @@ def test_cuda_dispatch_glue_under_the_triton_interpreter():
     (y, y_bits), (want_y, _) = ops._conv_act_triton(tri, *act_args), ops._conv_act_reference(*act_args)
     torch.testing.assert_close(y, want_y)
     assert torch.equal(y_bits, ref.sign_pack(y))
+    pool_args = (signs(1, 33, 7, 6), [3, 3], [2, 2], [1, 1], [1, 1], True, -0.5, 0.5)
+    (y, y_bits), (want_y, want_bits) = ops._max_pool2d_act_triton(tri, *pool_args), ops._max_pool2d_act_reference(
+        *pool_args)
+    assert_same(y, want_y)
+    assert_same(y_bits, want_bits)

@@ -281,15 +281,19 @@ def _act_calls(packed: nn.Module) -> dict[str, int]:
 
 def test_hardtanh_and_next_sign_pack_are_fused_into_the_packed_convs():
     """ResNet-18 (paper): each block's two hardtanh run in the convs' epilogues, which also hand the sign
-    bits to the next binary conv; the stem max-pools before its hardtanh. Bit-identical to the unfused
-    packed model, and equal to the float model up to the epilogue rounding."""
+    bits to the next binary conv; the stem's maxpool and hardtanh are one ``ovsw::max_pool2d_act`` whose
+    bits the first binary conv reads. Bit-identical to the unfused packed model, and equal to the float
+    model up to the epilogue rounding."""
     x = torch.randn(2, 3, 32, 32)
     model = with_bn_statistics(MODELS["resnet18_1w1a"](num_classes=10), x)
     packed = pack_model(model)
-    # 16 binary convs fused with their hardtanh; all but the first read the previous conv's bits
-    assert _act_calls(packed) == {"act": 16, "x_bits": 15}
-    hardtanh = [n for n in packed.graph.nodes if n.op == "call_module" and n.target.endswith("hardtanh")]
-    assert [(n.target, n.args[0].target) for n in hardtanh] == [("hardtanh", "maxpool")]
+    # 16 binary convs fused with their hardtanh; every one reads the bits of the layer before
+    assert _act_calls(packed) == {"act": 16, "x_bits": 16}
+    pools = [n for n in packed.graph.nodes if n.target is torch.ops.ovsw.max_pool2d_act]
+    assert [(n.args[0].target, n.args[1:]) for n in pools] == [("conv1", ([3, 3], [2, 2], [1, 1], [1, 1], False,
+                                                                          -1.0, 1.0))]
+    assert not any(isinstance(packed.get_submodule(n.target), (nn.MaxPool2d, nn.Hardtanh))
+                   for n in packed.graph.nodes if n.op == "call_module")
     unfused = pack_model(model, fuse_activation=False)
     assert _act_calls(unfused) == {"act": 0, "x_bits": 0}
     with torch.no_grad():
@@ -297,6 +301,47 @@ def test_hardtanh_and_next_sign_pack_are_fused_into_the_packed_convs():
         xc = x.to(memory_format=torch.channels_last)
         assert torch.equal(packed(xc), unfused(xc))
     assert_matches(model, packed, x)
+
+
+class PoolAndClamp(nn.Module):
+    """A float stem, then ``maxpool(hardtanh)`` or ``hardtanh(maxpool)`` (ragged: ceil_mode, padding) read
+    by a binary conv and a float shortcut, or by a float conv alone (``binary=False``)."""
+
+    def __init__(self, pool_first: bool, binary: bool = True) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 40, 3)
+        self.pool = nn.MaxPool2d((3, 2), stride=(2, 1), padding=(1, 1), ceil_mode=True)
+        self.act = nn.Hardtanh(-0.7, 0.9)
+        self.pool_first = pool_first
+        self.conv = (BinaryConv2d if binary else nn.Conv2d)(40, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.act(self.pool(x)) if self.pool_first else self.pool(self.act(x))
+        return self.conv(y) + y[:, :8]
+
+
+@pytest.mark.parametrize("pool_first", [False, True])
+def test_pool_and_hardtanh_before_a_binary_conv_become_one_op(pool_first):
+    model, x = PoolAndClamp(pool_first).eval(), torch.randn(2, 3, 12, 11)
+    packed = pack_model(model)
+    pools = [n for n in packed.graph.nodes if n.target is torch.ops.ovsw.max_pool2d_act]
+    assert len(pools) == 1 and _act_calls(packed) == {"act": 0, "x_bits": 1}
+    with torch.no_grad():
+        assert torch.equal(packed(x), pack_model(model, fuse_activation=False)(x))
+    assert_matches(model, packed, x, rel=1e-5)
+
+
+def test_pool_read_by_no_binary_conv_only_moves_before_the_clamp():
+    model = nn.Sequential(PoolAndClamp(pool_first=False, binary=False), nn.Flatten(), BinaryLinear(8 * 6 * 10, 3))
+    model, x = model.eval(), torch.randn(2, 3, 12, 11)
+    packed = pack_model(model)
+    calls = [n.target for n in packed.graph.nodes if n.op in ("call_module", "call_function")]
+    assert torch.ops.ovsw.max_pool2d_act not in calls
+    assert [t for t in calls if t in ("0.pool", "0.act")] == ["0.pool", "0.act"]
+    with torch.no_grad():
+        assert torch.equal(packed(x), pack_model(model, fuse_activation=False)(x))
+    assert_matches(model, packed, x, rel=1e-5)
 
 
 class BroadcastThenHardtanh(nn.Module):

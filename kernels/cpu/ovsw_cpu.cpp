@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/max_pool2d.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
@@ -211,6 +212,16 @@ void check_cpu(std::initializer_list<std::pair<const char*, const at::Tensor*>> 
 
 const at::Tensor* ptr(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
 
+void check_pair(at::IntArrayRef v, const char* name, int64_t minimum) {
+  TORCH_CHECK_VALUE(v.size() == 2 && v[0] >= minimum && v[1] >= minimum, name, " must be a pair of ints >= ",
+                    minimum, ", got ", v);
+}
+
+void check_bounds(double min_val, double max_val) {
+  TORCH_CHECK_VALUE(min_val <= max_val, "min_val must be <= max_val (the hardtanh range), got ", min_val, " > ",
+                    max_val);
+}
+
 struct EpilogueArgs {
   std::optional<at::Tensor> scale, bias, residual;
   bool raw;
@@ -321,12 +332,9 @@ at::Tensor conv(const char* name, const at::Tensor& x_bits, const at::Tensor& w_
                     "[Cout, KH, KW, CW])");
   TORCH_CHECK_VALUE(pad_value == 0 || pad_value == 1,
                     "pad_value must be 0 (padded taps contribute 0) or 1 (pad with +1), got ", pad_value);
-  TORCH_CHECK_VALUE(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1,
-                    "stride must be a pair of ints >= 1, got ", stride);
-  TORCH_CHECK_VALUE(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
-                    "padding must be a pair of ints >= 0, got ", padding);
-  TORCH_CHECK_VALUE(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1,
-                    "dilation must be a pair of ints >= 1, got ", dilation);
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  check_pair(dilation, "dilation", 1);
   const int64_t kh = w_bits.size(1), kwid = w_bits.size(2);
   const int64_t ho = (x_bits.size(1) + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
   const int64_t wo = (x_bits.size(2) + 2 * padding[1] - dilation[1] * (kwid - 1) - 1) / stride[1] + 1;
@@ -371,8 +379,7 @@ std::tuple<at::Tensor, at::Tensor> ovsw_packed_conv2d_act(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t pad_value, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, double min_val,
     double max_val, std::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK_VALUE(min_val <= max_val, "min_val must be <= max_val (the hardtanh range), got ", min_val, " > ",
-                    max_val);
+  check_bounds(min_val, max_val);
   const at::ScalarType dtype = out_dtype ? *out_dtype : at::kFloat;
   TORCH_CHECK_VALUE(is_float(dtype), "out_dtype must be None (int32 or float32 output) or a floating point dtype, got ",
                     dtype_name(dtype));
@@ -390,6 +397,63 @@ std::tuple<at::Tensor, at::Tensor> ovsw_packed_conv2d_act(
   return {out, bits};
 }
 
+// torch's max_pool2d output size (kernels/ops.py: pool_output_size).
+int64_t pool_output_size(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation, bool ceil_mode) {
+  const int64_t span = size + 2 * pad - dilation * (kernel - 1) - 1 + (ceil_mode ? stride - 1 : 0);
+  if (span < 0) return 0;
+  const int64_t out = span / stride + 1;
+  return ceil_mode && (out - 1) * stride >= size + pad ? out - 1 : out;
+}
+
+// hardtanh(max_pool2d(x)) and its sign bits (the next binary conv's input): one pass for channels-last
+// float32 input, else torch's max_pool2d and clamp, then the sign-and-pack; y in torch's memory format.
+std::tuple<at::Tensor, at::Tensor> ovsw_max_pool2d_act(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                       at::IntArrayRef stride, at::IntArrayRef padding,
+                                                       at::IntArrayRef dilation, bool ceil_mode, double min_val,
+                                                       double max_val) {
+  RECORD_FUNCTION("ovsw_cpu::max_pool2d_act", std::vector<c10::IValue>());
+  check_float(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(1) > 0 && x.size(2) > 0 && x.size(3) > 0,
+                    "x must be NCHW [N, C, H, W] with C, H, W > 0, got shape ", x.sizes());
+  check_pair(kernel_size, "kernel_size", 1);
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  check_pair(dilation, "dilation", 1);
+  TORCH_CHECK_VALUE(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2,
+                    "padding must be at most half the kernel size (as in max_pool2d), got padding ", padding,
+                    " for kernel_size ", kernel_size);
+  check_bounds(min_val, max_val);
+  core::Pool2d g;
+  g.batch = x.size(0);
+  g.channels = x.size(1);
+  g.height = x.size(2);
+  g.width = x.size(3);
+  g.kernel_h = kernel_size[0];
+  g.kernel_w = kernel_size[1];
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dilation_h = dilation[0];
+  g.dilation_w = dilation[1];
+  g.out_h = pool_output_size(g.height, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h, ceil_mode);
+  g.out_w = pool_output_size(g.width, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w, ceil_mode);
+  TORCH_CHECK_VALUE(g.out_h >= 1 && g.out_w >= 1, "the ", g.kernel_h, "x", g.kernel_w, " window (dilation ",
+                    dilation, ") does not fit the ", g.height, "x", g.width, " input padded by ", padding);
+  const bool nhwc = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;  // torch's output layout too
+  if (x.scalar_type() != at::kFloat || !nhwc || !x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    at::Tensor y = at::max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode).clamp_(min_val, max_val);
+    return {y, ovsw_sign_pack_nchw(y)};
+  }
+  at::Tensor y = at::empty({g.batch, g.channels, g.out_h, g.out_w},
+                           at::TensorOptions().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor bits =
+      at::empty({g.batch, g.out_h, g.out_w, (g.channels + 31) / 32}, at::TensorOptions().dtype(at::kInt));
+  core::max_pool2d_act(x.data_ptr<float>(), g, static_cast<float>(min_val), static_cast<float>(max_val),
+                       y.data_ptr<float>(), words(bits));
+  return {y, bits};
+}
+
 }  // namespace
 
 // The ovsw ops' schemas are defined in Python (kernels/ops.py); these are their CPU kernels.
@@ -400,6 +464,7 @@ TORCH_LIBRARY_IMPL(ovsw, CPU, m) {
   m.impl("packed_conv2d", &ovsw_packed_conv2d);
   m.impl("packed_conv2d_sign", &ovsw_packed_conv2d_sign);
   m.impl("packed_conv2d_act", &ovsw_packed_conv2d_act);
+  m.impl("max_pool2d_act", &ovsw_max_pool2d_act);
 }
 
 TORCH_LIBRARY(ovsw_cpu, m) {

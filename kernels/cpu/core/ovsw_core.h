@@ -1,7 +1,8 @@
 // Torch-free C++17 core of the ovsw CPU packed-inference kernels (design §3): bit packing, XOR-popcount
 // microkernels per ISA (AVX-512 VPOPCNTDQ, AVX2, NEON, portable), the packed GEMM, the implicit-GEMM
-// convolution with its zero-padding correction, and the fused epilogues. ../ovsw_cpu.cpp binds it to the
-// torch.ops.ovsw CPU kernels; test_core.cpp checks every ISA against an independent scalar reference.
+// convolution with its zero-padding correction, the fused epilogues, and the stem's fused max-pool.
+// ../ovsw_cpu.cpp binds it to the torch.ops.ovsw CPU kernels; test_core.cpp checks every ISA against an
+// independent scalar reference.
 //
 // Bit layout: uint32 words, least significant bit first, bit 1 = the value is < 0 (-1), padding bits of
 // the last word 0 in both operands, so dot(a, b) = K - 2 * popcount(a XOR b).
@@ -77,6 +78,18 @@ struct Conv2d {
 };
 void packed_conv2d(const uint32_t* x, const uint32_t* w, const Conv2d& g, const Epilogue& epi,
                    const PreparedWeights* prepared = nullptr);  // prepared: w prepared, or null
+
+// Geometry of a max pooling of NHWC float32 [batch, height, width, channels] -> [batch, out_h, out_w,
+// channels]: window taps at (o * stride - pad + i * dilation), those outside the input skipped; out_h and
+// out_w are the caller's (torch's rule, ceil_mode included), every window must hold a tap inside the input.
+struct Pool2d {
+  int64_t batch = 1, height = 1, width = 1, channels = 1;
+  int64_t kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0;
+  int64_t dilation_h = 1, dilation_w = 1, out_h = 1, out_w = 1;
+};
+// y = hardtanh(max_pool2d(x), lo, hi) (NaN propagates, as in torch) and its sign bits, [batch, out_h,
+// out_w, ceil(channels / 32)] words: a ResNet stem's pool, activation and first sign-and-pack in one pass.
+void max_pool2d_act(const float* x, const Pool2d& g, float lo, float hi, float* y, uint32_t* bits);
 
 // Sign bits (x < 0) of rows of k values into ceil(k/32) words per row.
 void sign_pack_rows(const float* x, uint32_t* out, int64_t rows, int64_t k);

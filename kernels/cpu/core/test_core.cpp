@@ -2,8 +2,8 @@
 // plain scalar reference written here (unpacked +-1 products, not popcounts; its own bfloat16 / half
 // rounding), on random shapes: ragged channel counts, both padding modes, strides, dilations, kernels
 // 1..7, batch 1..4, every epilogue (int32; float32 / bfloat16 / float16 with scale, bias, residual; sign
-// bits; hardtanh + sign bits), serial and threaded. Outputs must be equal bit for bit, and nothing past
-// them may be written. Exit status 1 on any mismatch (or a required ISA not run), 2 on bad arguments.
+// bits; hardtanh + sign bits), the fused max-pool + hardtanh + sign bits, serial and threaded. Outputs
+// must be equal bit for bit, and nothing past them may be written. Exit status 1 on any mismatch (or a required ISA not run), 2 on bad arguments.
 //
 //   test_core [--cases N] [--seed S] [--isa NAME] [--require NAME] [--verbose]
 //
@@ -458,6 +458,89 @@ Result pack_case(Rng& r, std::string& what) {
   return {};
 }
 
+// max_pool2d_act: per output, the window's valid taps; NaN if any tap is NaN (the last one, as the core
+// takes every NaN), else the first of the largest values; clamped; sign bits of the clamped value.
+Result pool_case(Rng& r, std::string& what) {
+  core::Pool2d g;
+  g.batch = r.uniform(1, 3);
+  g.channels = channels(r, 100);
+  g.height = r.uniform(1, 20);
+  g.width = r.uniform(1, 20);
+  g.kernel_h = r.uniform(1, 4);
+  g.kernel_w = r.uniform(1, 4);
+  g.stride_h = r.uniform(1, 3);
+  g.stride_w = r.uniform(1, 3);
+  g.dilation_h = r.uniform(1, 2);
+  g.dilation_w = r.uniform(1, 2);
+  g.pad_h = r.uniform(0, g.kernel_h / 2);
+  g.pad_w = r.uniform(0, g.kernel_w / 2);
+  const bool ceil_mode = r.coin();
+  auto out_size = [&](int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {  // torch's pooling rule
+    const int64_t span = in + 2 * p - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0);
+    if (span < 0) return int64_t(0);
+    int64_t o = span / s + 1;
+    if (ceil_mode && (o - 1) * s >= in + p) --o;
+    return o;
+  };
+  g.out_h = out_size(g.height, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h);
+  g.out_w = out_size(g.width, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w);
+  const float lo = r.coin(0.8) ? -1.0f : r.real(-2.0f, 0.0f), hi = r.coin(0.8) ? 1.0f : r.real(0.0f, 2.0f);
+  what = "max_pool2d_act N=" + std::to_string(g.batch) + " C=" + std::to_string(g.channels) + " " +
+         std::to_string(g.height) + "x" + std::to_string(g.width) + " k=" + std::to_string(g.kernel_h) + "x" +
+         std::to_string(g.kernel_w) + " s=" + std::to_string(g.stride_h) + "," + std::to_string(g.stride_w) +
+         " p=" + std::to_string(g.pad_h) + "," + std::to_string(g.pad_w) + " d=" + std::to_string(g.dilation_h) +
+         "," + std::to_string(g.dilation_w) + (ceil_mode ? " ceil" : "");
+  if (g.out_h < 1 || g.out_w < 1) return {};  // torch rejects these shapes before the core
+  const int64_t c = g.channels, cw = (c + 31) / 32, pixels = g.batch * g.out_h * g.out_w;
+  std::vector<float> x(g.batch * g.height * g.width * c);
+  for (auto& v : x) v = r.coin(0.02) ? NAN : special<float>(r);
+  std::vector<float> y(pixels * c + kGuard, 7.0f), want(pixels * c);
+  std::vector<u32> bits(pixels * cw + 8, 0xa5a5a5a5u);
+  core::max_pool2d_act(x.data(), g, lo, hi, y.data(), bits.data());
+  for (int64_t p = 0; p < pixels; ++p) {
+    const int64_t img = p / (g.out_h * g.out_w), oh = p / g.out_w % g.out_h, ow = p % g.out_w;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      bool nan = false, any = false;
+      float best = 0.0f;
+      for (int64_t i = 0; i < g.kernel_h; ++i)
+        for (int64_t t = 0; t < g.kernel_w; ++t) {
+          const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dilation_h;
+          const int64_t iw = ow * g.stride_w - g.pad_w + t * g.dilation_w;
+          if (ih < 0 || ih >= g.height || iw < 0 || iw >= g.width) continue;
+          const float v = x[((img * g.height + ih) * g.width + iw) * c + ch];
+          if (std::isnan(v)) {
+            nan = true;
+            best = v;
+          } else if (!nan && (!any || v > best)) {
+            best = v;
+          }
+          any = true;
+        }
+      if (!any) best = -INFINITY;
+      want[p * c + ch] = nan ? best : best < lo ? lo : best > hi ? hi : best;
+    }
+  }
+  std::vector<uint8_t> neg(want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    neg[i] = want[i] < 0.0f;
+    const bool same = std::isnan(want[i]) ? std::isnan(y[i]) : bits_of(y[i]) == bits_of(want[i]);
+    if (!same) {
+      char buf[120];
+      std::snprintf(buf, sizeof buf, "y[%zu] got %g (0x%08x) want %g (0x%08x)", i, y[i], bits_of(y[i]), want[i],
+                    bits_of(want[i]));
+      return {false, buf};
+    }
+  }
+  const std::vector<u32> want_bits = pack(neg, pixels, c);
+  for (size_t i = 0; i < want_bits.size(); ++i)
+    if (bits[i] != want_bits[i]) return {false, "sign word " + std::to_string(i) + " differs"};
+  for (size_t i = want.size(); i < y.size(); ++i)
+    if (y[i] != 7.0f) return {false, "wrote past y"};
+  for (size_t i = want_bits.size(); i < bits.size(); ++i)
+    if (bits[i] != 0xa5a5a5a5u) return {false, "wrote past the sign words"};
+  return {};
+}
+
 // The compiler's half type, where C++ has one: the reference's own rounding is checked against it.
 #if defined(__aarch64__)
 #define OVSW_TEST_F16 __fp16
@@ -551,10 +634,11 @@ int main(int argc, char** argv) {
       const int hook = static_cast<int>(r.uniform(0, 2));
       core::set_parallel_for(hook == 0 ? nullptr : hook == 1 ? thread_hook : reversed_hook);
       std::string what;
-      const int kind = static_cast<int>(r.uniform(0, 19));
+      const int kind = static_cast<int>(r.uniform(0, 21));
       const Result res = kind < 11   ? conv_case(r, c % 80 == 40, what)
                          : kind < 16 ? linear_case(r, what)
-                                     : pack_case(r, what);
+                         : kind < 20 ? pack_case(r, what)
+                                     : pool_case(r, what);
       if (verbose) std::printf("  %s case %" PRId64 ": %s%s\n", name, c, what.c_str(), res.ok ? "" : "  MISMATCH");
       if (!res.ok && ++bad <= 5)
         std::printf("%s case %" PRId64 " MISMATCH [%s threads] %s: %s\n", name, c,
