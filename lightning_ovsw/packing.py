@@ -124,18 +124,26 @@ def _fuse_activations(graph: fx.Graph, modules: dict[str, nn.Module]) -> int:
             and len(conv.users) == 1 and "act" not in conv.kwargs
         ):
             continue
-        hardtanh = modules[node.target]
-        with graph.inserting_before(node):
-            call = graph.call_module(conv.target, conv.args,
-                                     {**conv.kwargs, "act": (float(hardtanh.min_val), float(hardtanh.max_val))})
-            y = graph.call_function(operator.getitem, (call, 0))
-            y_bits = graph.call_function(operator.getitem, (call, 1))
-        node.replace_all_uses_with(y)
-        graph.erase_node(node)
-        graph.erase_node(conv)
-        _feed_bits(graph, modules, y, y_bits)
+        bounds = (float(modules[node.target].min_val), float(modules[node.target].max_val))
+        _replace_by_pair(graph, modules, node, conv, "call_module", conv.target, conv.args,
+                         {**conv.kwargs, "act": bounds})
         fused += 1
     return fused
+
+
+def _replace_by_pair(graph: fx.Graph, modules: dict[str, nn.Module], node: fx.Node, inner: fx.Node, op: str,
+                     target: object, args: tuple, kwargs: dict | None = None) -> None:
+    """Replace ``node(inner(...))`` by one ``op`` node (``call_module`` / ``call_function`` of ``target``)
+    that returns ``(y, y_bits)``: ``y`` takes ``node``'s uses, ``y_bits`` goes to the packed convs that read
+    ``y``."""
+    with graph.inserting_before(node):
+        call = graph.create_node(op, target, args, kwargs)
+        y = graph.call_function(operator.getitem, (call, 0))
+        y_bits = graph.call_function(operator.getitem, (call, 1))
+    node.replace_all_uses_with(y)
+    graph.erase_node(node)
+    graph.erase_node(inner)
+    _feed_bits(graph, modules, y, y_bits)
 
 
 def _bit_readers(modules: dict[str, nn.Module], y: fx.Node) -> list[fx.Node]:
@@ -190,18 +198,10 @@ def _fuse_pool_activations(graph: fx.Graph, modules: dict[str, nn.Module]) -> in
                 rewritten += 1
             continue
         m, hardtanh = modules[pool.target], modules[act.target]
-        with graph.inserting_before(last):
-            geometry = [list(pair(v, name, low)) for v, name, low in (
-                (m.kernel_size, "kernel_size", 1), (m.stride, "stride", 1), (m.padding, "padding", 0),
-                (m.dilation, "dilation", 1))]
-            call = graph.call_function(torch.ops.ovsw.max_pool2d_act, (
-                first.args[0], *geometry, bool(m.ceil_mode), float(hardtanh.min_val), float(hardtanh.max_val)))
-            y = graph.call_function(operator.getitem, (call, 0))
-            y_bits = graph.call_function(operator.getitem, (call, 1))
-        last.replace_all_uses_with(y)
-        graph.erase_node(last)
-        graph.erase_node(first)
-        _feed_bits(graph, modules, y, y_bits)
+        args = (first.args[0], *[list(pair(v, name, low)) for v, name, low in (
+            (m.kernel_size, "kernel_size", 1), (m.stride, "stride", 1), (m.padding, "padding", 0),
+            (m.dilation, "dilation", 1))], bool(m.ceil_mode), float(hardtanh.min_val), float(hardtanh.max_val))
+        _replace_by_pair(graph, modules, last, first, "call_function", torch.ops.ovsw.max_pool2d_act, args)
         rewritten += 1
     return rewritten
 

@@ -136,6 +136,17 @@ at::Tensor linear_impl(const at::Tensor& a, const at::Tensor& b, int64_t k, cons
   return out;
 }
 
+// The stride, padding and dilation fields shared by the core's Conv2d and Pool2d.
+template <class Geometry>
+void set_window(Geometry& g, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dilation_h = dilation[0];
+  g.dilation_w = dilation[1];
+}
+
 at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t pad_value,
                      const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
@@ -149,12 +160,7 @@ at::Tensor conv_impl(const at::Tensor& x, const at::Tensor& w, int64_t channels,
   g.out_channels = w.size(0);
   g.kernel_h = w.size(1);
   g.kernel_w = w.size(2);
-  g.stride_h = stride[0];
-  g.stride_w = stride[1];
-  g.pad_h = padding[0];
-  g.pad_w = padding[1];
-  g.dilation_h = dilation[0];
-  g.dilation_w = dilation[1];
+  set_window(g, stride, padding, dilation);
   g.pad_value = static_cast<int>(pad_value);
   const int64_t ho = g.out_h(), wo = g.out_w(), cout = g.out_channels;
   at::Tensor out = sign ? at::empty({g.batch, ho, wo, (cout + 31) / 32}, at::TensorOptions().dtype(at::kInt))
@@ -430,12 +436,7 @@ std::tuple<at::Tensor, at::Tensor> ovsw_max_pool2d_act(const at::Tensor& x, at::
   g.width = x.size(3);
   g.kernel_h = kernel_size[0];
   g.kernel_w = kernel_size[1];
-  g.stride_h = stride[0];
-  g.stride_w = stride[1];
-  g.pad_h = padding[0];
-  g.pad_w = padding[1];
-  g.dilation_h = dilation[0];
-  g.dilation_w = dilation[1];
+  set_window(g, stride, padding, dilation);
   g.out_h = pool_output_size(g.height, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h, ceil_mode);
   g.out_w = pool_output_size(g.width, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w, ceil_mode);
   TORCH_CHECK_VALUE(g.out_h >= 1 && g.out_w >= 1, "the ", g.kernel_h, "x", g.kernel_w, " window (dilation ",
